@@ -1,0 +1,24 @@
+"""chatterbox_accel: make a live Chatterbox TTS model fast, prove it still matches, undo at will.
+
+    import chatterbox_accel
+    report = chatterbox_accel.accelerate(model)   # patch + output check
+    chatterbox_accel.restore(model)               # back to the original, exactly
+
+Importing this package patches nothing and touches no global torch state.
+"""
+from .config import AccelConfig
+
+__version__ = "0.1.0"
+__all__ = ["accelerate", "restore", "is_accelerated", "AccelConfig", "AccelReport",
+           "OutputCheckError", "OptimizedChatterboxTTS"]
+
+
+def __getattr__(name):
+    # Lazy: chatterbox/torch are imported on first use, not when the package is imported.
+    if name in ("accelerate", "restore", "is_accelerated", "AccelReport", "OutputCheckError"):
+        from . import api
+        return getattr(api, name)
+    if name == "OptimizedChatterboxTTS":
+        from .drop_in import OptimizedChatterboxTTS
+        return OptimizedChatterboxTTS
+    raise AttributeError(f"module 'chatterbox_accel' has no attribute {name!r}")

@@ -1,0 +1,194 @@
+"""`accelerate(model, **options)` and `restore(model)`: the public entry points.
+
+accelerate: validate the model -> build the fast T3 runner -> pick attention, compile/graphs
+(with warm-up and fallback) -> wrap `model.t3.inference` -> output check. Any exception or a
+failed check reverts every patch, so a model is never left half-patched.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .check import CheckResult, probe_inputs, run_output_check
+from .config import AccelConfig
+from .patching import drop_registry, get_registry
+from .t3.decode import T3Runner
+from .t3.graphs import install_step
+from .t3.model import make_flash_attention, sdpa_attention
+from .t3.patch import FastInference
+from .t3.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_DEVICES = ("cpu", "cuda", "mps")
+DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class OutputCheckError(RuntimeError):
+    """The accelerated output did not match the original; the model was restored."""
+
+
+@dataclass
+class AccelReport:
+    """What `accelerate()` did: applied optimizations, fallbacks with reasons, check, time."""
+
+    applied: list = field(default_factory=list)
+    fallbacks: dict = field(default_factory=dict)
+    check: CheckResult | None = None
+    seconds: float = 0.0
+    device: str = ""
+    restored: bool = False  # True when the check failed and every patch was reverted
+
+    @property
+    def ok(self) -> bool:
+        return not self.restored
+
+    def __str__(self):
+        lines = [f"chatterbox_accel on {self.device}: {len(self.applied)} optimization(s) "
+                 f"in {self.seconds:.1f} s"]
+        lines += [f"  applied   {name}" for name in self.applied]
+        lines += [f"  fallback  {name}: {why}" for name, why in self.fallbacks.items()]
+        if self.check is not None:
+            lines.append(f"  {self.check}")
+        if self.restored:
+            lines.append("  model restored to the original code (output check failed)")
+        return "\n".join(lines)
+
+
+def accelerate(model, config: AccelConfig | None = None, **options) -> AccelReport:
+    """Patch a live Chatterbox model for speed; verify the output; return a report.
+
+    `options` are `AccelConfig` fields (see README). Calling it again re-applies with the new
+    options. With `strict=True` a failed output check raises `OutputCheckError`.
+    """
+    cfg = config if config is not None else AccelConfig.from_options(options)
+    if config is not None and options:
+        raise ValueError("pass either config= or keyword options, not both")
+    t3 = _validate_model(model, cfg)
+    restore(model)  # idempotent: re-accelerating starts from the original
+    start = time.perf_counter()
+    report = AccelReport(device=str(t3.device))
+    registry = get_registry(model, create=True)
+    try:
+        if cfg.t3:
+            runner = _build_runner(t3, cfg, report)
+            _install_steps(runner, t3, cfg, report)
+            fast = FastInference(runner)
+            registry.state["t3_runner"], registry.state["t3_inference"] = runner, fast
+            registry.wrap_method(t3, "inference", fast)
+            report.applied.append("t3.static_kv_cache" if cfg.static_cache else "t3.kv_cache")
+            report.applied.append("t3.device_sampler")
+            if cfg.check:
+                report.check = run_output_check(
+                    t3, runner, _builtin_t3_conds(model), steps=cfg.check_steps,
+                    tolerance=cfg.resolved_tolerance())
+    except BaseException:
+        restore(model)
+        raise
+    report.seconds = time.perf_counter() - start
+    if report.check is not None and not report.check.passed:
+        restore(model)
+        report.restored = True
+        message = f"chatterbox_accel: {report.check}; every patch was reverted."
+        if cfg.strict:
+            raise OutputCheckError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    logger.info("%s", report)
+    return report
+
+
+def restore(model) -> None:
+    """Revert every patch `accelerate()` made to `model`. A no-op on a model never accelerated."""
+    drop_registry(model)
+
+
+def is_accelerated(model) -> bool:
+    registry = get_registry(model)
+    return registry is not None and len(registry) > 0
+
+
+def runner_of(model) -> T3Runner | None:
+    registry = get_registry(model)
+    return None if registry is None else registry.state.get("t3_runner")
+
+
+# ---- helpers --------------------------------------------------------------------------------
+def _validate_model(model, cfg: AccelConfig):
+    from chatterbox.models.t3 import T3
+
+    t3 = getattr(model, "t3", None)
+    if not isinstance(t3, T3):
+        raise TypeError(
+            f"accelerate() expects a Chatterbox model with a .t3 (ChatterboxTTS, "
+            f"ChatterboxMultilingualTTS, ...), got {type(model).__name__}"
+        )
+    if t3.training:
+        raise ValueError("model.t3 is in training mode; call model.t3.eval() before accelerate()")
+    device = t3.device
+    if device.type not in SUPPORTED_DEVICES:
+        raise ValueError(f"device {device.type!r} is not supported; use one of {SUPPORTED_DEVICES}")
+    weight_dtype = t3.speech_head.weight.dtype
+    if weight_dtype not in DTYPE_BY_NAME.values():
+        raise ValueError(f"T3 weights have dtype {weight_dtype}; expected float32, bfloat16 or float16")
+    if cfg.dtype != "float32" and device.type == "cpu":
+        raise ValueError(f"dtype={cfg.dtype!r} needs a GPU; on cpu use dtype='float32'")
+    return t3
+
+
+def _build_runner(t3, cfg: AccelConfig, report: AccelReport) -> T3Runner:
+    device_type = t3.device.type
+    dtype = DTYPE_BY_NAME[cfg.dtype]
+    if dtype != torch.float32:
+        report.applied.append(f"t3.{cfg.dtype}")
+    attention = _select_attention(cfg, device_type, dtype, report)
+    eos_every = cfg.eos_check_every if cfg.eos_check_every is not None else (
+        1 if device_type == "cpu" else 16)  # a CPU "sync" is free; a wasted CPU step is not
+    bucket = cfg.kv_bucket if cfg.wants_cuda_graphs(device_type) else 32
+    return T3Runner(t3, attention=attention, dtype=dtype, eos_check_every=eos_every,
+                    kv_bucket=bucket, static_cache=cfg.static_cache)
+
+
+def _select_attention(cfg, device_type, dtype, report):
+    if cfg.attention in ("auto", "flash"):
+        usable = device_type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+        flash = make_flash_attention() if usable else None
+        if flash is not None:
+            report.applied.append("t3.attention.flash")
+            return flash
+        if cfg.attention == "flash":
+            why = "flash-attn not installed" if usable else "flash-attn needs CUDA and bf16/fp16"
+            report.fallbacks["t3.attention.flash"] = why + "; using SDPA"
+    report.applied.append("t3.attention.sdpa")
+    return sdpa_attention
+
+
+def _install_steps(runner: T3Runner, t3, cfg: AccelConfig, report: AccelReport):
+    device_type = t3.device.type
+    compile_step = cfg.wants_compile(device_type) and "t3" in cfg.compile_targets
+    graphs = cfg.wants_cuda_graphs(device_type)
+    if cfg.cuda_graphs and not graphs:
+        report.fallbacks["t3.cuda_graphs"] = f"CUDA graphs need a CUDA device, model is on {device_type}"
+    if not (compile_step or graphs):
+        return
+    result = install_step(runner, compile_step=compile_step, mode=cfg.compile_mode,
+                          cuda_graphs=graphs, warmup=lambda: _warmup(runner, t3))
+    report.applied += result["applied"]
+    report.fallbacks.update(result["fallbacks"])
+
+
+def _warmup(runner: T3Runner, t3, steps: int = 4):
+    """A few real decode steps through `runner.step` (compiles / captures, or raises)."""
+    t3_cond, text, _ = probe_inputs(t3, None, 1)
+    params = SamplingParams.make(t3.device, cfg_weight=0.5, temperature=0.8,
+                                 repetition_penalty=1.2, min_p=0.05, top_p=1.0)
+    embeds = runner.build_prompt(t3_cond, text, 0.5)
+    runner.generate(embeds, params, steps)
+
+
+def _builtin_t3_conds(model):
+    conds = getattr(model, "conds", None)
+    return getattr(conds, "t3", None)

@@ -1,0 +1,88 @@
+"""The output check: patched vs original T3 on a teacher-forced probe, same weights.
+
+The probe is deterministic: fixed text, the model's built-in voice (or a fixed synthetic one),
+and a fixed sequence of forced speech tokens. The reference is the original HF `LlamaModel`
+forward over the whole probe sequence, read exactly as `T3.inference` reads it
+(`hidden_states[-1]` -> `speech_head` -> CFG combine). The fast path decodes the same tokens
+step by step through its KV cache. They must agree within `tolerance`, measured as
+max |fast - reference| / max |reference| over all steps and the whole vocabulary.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .t3.sampling import cfg_combine
+
+PROBE_TEXT_IDS = (255, 41, 15, 23, 2, 33, 19, 40, 2, 27, 9, 0)  # SOT ... EOT, valid for any vocab >= 64
+
+
+@dataclass
+class CheckResult:
+    passed: bool
+    max_abs_diff: float
+    rel_diff: float
+    tolerance: float
+    argmax_agreement: float  # fraction of steps whose most likely token agrees
+    steps: int
+
+    def __str__(self):
+        verdict = "passed" if self.passed else "FAILED"
+        return (f"output check {verdict}: max|dlogit| {self.max_abs_diff:.3g} "
+                f"(relative {self.rel_diff:.3g}, tolerance {self.tolerance:.3g}), "
+                f"argmax agreement {self.argmax_agreement:.0%} over {self.steps} steps")
+
+
+def probe_inputs(t3, conds_t3, steps: int, cfg_weight: float = 0.5):
+    """(t3_cond, text_tokens (2, T), forced speech tokens (steps,)) on the model's device."""
+    device = t3.device
+    if conds_t3 is None:
+        from chatterbox.models.t3.modules.cond_enc import T3Cond
+
+        g = torch.Generator().manual_seed(1234)
+        conds_t3 = T3Cond(
+            speaker_emb=torch.randn(1, t3.hp.speaker_embed_size, generator=g),
+            cond_prompt_speech_tokens=torch.randint(0, 6561, (1, t3.hp.speech_cond_prompt_len or 1), generator=g),
+            emotion_adv=0.5 * torch.ones(1, 1, 1),
+        ).to(device=device)
+    # A copy, so the probe never caches embeddings into the user's conditionals.
+    t3_cond = dataclasses.replace(conds_t3, cond_prompt_speech_emb=None)
+    text = torch.tensor([PROBE_TEXT_IDS], device=device)
+    text[:, 0], text[:, -1] = t3.hp.start_text_token, t3.hp.stop_text_token
+    text = text.expand(2 if cfg_weight > 0 else 1, -1)
+    forced = (torch.arange(steps, device=device) * 797 + 11) % 6561
+    return t3_cond, text, forced
+
+
+@torch.inference_mode()
+def reference_logits(t3, embeds, forced, cfg_weight) -> torch.Tensor:
+    """Original-path CFG logits (N+1, V): one full forward of the untouched HF model."""
+    steps = forced.numel()
+    positions = torch.arange(1, steps + 1, device=embeds.device)
+    tok = t3.speech_emb(forced)[None] + t3.speech_pos_emb.get_fixed_embedding(positions)  # (1, N, C)
+    seq = torch.cat([embeds, tok.expand(embeds.shape[0], -1, -1)], dim=1)
+    out = t3.tfmr(inputs_embeds=seq, use_cache=False, output_hidden_states=True, return_dict=True)
+    hidden = out.hidden_states[-1][:, embeds.shape[1] - 1 :]  # (B, N+1, C)
+    logits = t3.speech_head(hidden)
+    cfg = torch.tensor(float(cfg_weight), device=embeds.device)
+    return torch.stack([cfg_combine(logits[:, i], cfg)[0] for i in range(steps + 1)])
+
+
+def run_output_check(t3, runner, conds_t3, *, steps: int, tolerance: float, cfg_weight=0.5) -> CheckResult:
+    t3_cond, text, forced = probe_inputs(t3, conds_t3, steps, cfg_weight)
+    embeds = runner.build_prompt(t3_cond, text, cfg_weight)
+    ref = reference_logits(t3, embeds, forced, cfg_weight).float()
+    fast = runner.teacher_forced_logits(embeds, forced, cfg_weight).float()
+    return compare(fast, ref, tolerance)
+
+
+def compare(fast: torch.Tensor, ref: torch.Tensor, tolerance: float) -> CheckResult:
+    diff = (fast - ref).abs().max().item()
+    scale = max(ref.abs().max().item(), 1e-12)
+    agree = (fast.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    finite = bool(torch.isfinite(fast).all())
+    rel = diff / scale if finite else float("inf")
+    return CheckResult(passed=finite and rel <= tolerance, max_abs_diff=diff, rel_diff=rel,
+                       tolerance=tolerance, argmax_agreement=agree, steps=ref.shape[0])

@@ -1,0 +1,160 @@
+"""Random-weight Chatterbox checkpoints in the official file layout, for offline tests and benchmarks.
+
+No weights can be downloaded here, and none are needed to measure speed (a random model does
+exactly the real model's compute) or to prove parity (fast vs original on the same weights).
+`write_english_checkpoint(folder)` writes what `ChatterboxTTS.from_local(folder, device)` reads:
+`ve.safetensors`, `t3_cfg.safetensors`, `s3gen.safetensors`, `tokenizer.json`, `conds.pt`.
+Everything is seeded: the same seed gives byte-identical weights.
+
+`tiny_t3()` builds a small T3 (2 layers, same widths and vocabularies) for fast tests.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ENGLISH_FILES = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt")
+TINY_LLAMA = "chatterbox_accel_tiny"
+SPECIAL_TOKENS = {"[STOP]": 0, "[UNK]": 1, "[SPACE]": 2, "[PAD]": 3, "[SEP]": 4, "[CLS]": 5,
+                  "[MASK]": 6, "[START]": 255}
+TEXT_VOCAB = 704
+
+
+def english_vocab() -> dict:
+    """Character vocabulary with chatterbox's special tokens at the ids T3Config expects."""
+    vocab = dict(SPECIAL_TOKENS)
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'\"-()&%$#@:;/"
+    next_id = 7
+    for ch in chars:
+        vocab[ch] = next_id
+        next_id += 1
+    return vocab
+
+
+def write_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+
+    vocab = english_vocab()
+    tok = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.save(str(path))
+
+
+def _seeded(seed: int, build):
+    torch.manual_seed(seed)
+    return build()
+
+
+def tiny_t3(seed: int = 0, layers: int = 2):
+    """A T3 with a `layers`-deep Llama backbone (registered under TINY_LLAMA), random weights."""
+    from chatterbox.models.t3 import T3
+    from chatterbox.models.t3.llama_configs import LLAMA_520M_CONFIG_DICT, LLAMA_CONFIGS
+    from chatterbox.models.t3.modules.t3_config import T3Config
+
+    name = f"{TINY_LLAMA}_{layers}"
+    LLAMA_CONFIGS.setdefault(name, {**LLAMA_520M_CONFIG_DICT, "num_hidden_layers": layers})
+    hp = T3Config.english_only()
+    hp.llama_config_name = name
+    return _shape_speech_head(_seeded(seed, lambda: T3(hp)).eval())
+
+
+def full_t3(seed: int = 0):
+    from chatterbox.models.t3 import T3
+
+    return _shape_speech_head(_seeded(seed, T3).eval())
+
+
+@torch.no_grad()
+def _shape_speech_head(t3):
+    """Random heads emit start/stop/pad ids (>= 6561) ~20 % of the time; a trained T3 almost
+    never does except to stop. Scale those rows down so random models behave like trained ones
+    (they then run to max_new_tokens: benchmarks pass it explicitly)."""
+    t3.speech_head.weight[6561:] *= 0.05
+    return t3
+
+
+def synthetic_voice(seconds: float = 10.0, sr: int = 24000, seed: int = 0) -> torch.Tensor:
+    """A deterministic voice-like signal: a gliding harmonic tone with a syllable envelope."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(seconds * sr)) / sr
+    f0 = 140 + 30 * torch.sin(2 * math.pi * 0.7 * t)
+    phase = 2 * math.pi * torch.cumsum(f0, 0) / sr
+    wav = sum(torch.sin(k * phase) / k for k in range(1, 6))
+    envelope = 0.5 * (1 + torch.sin(2 * math.pi * 4 * t)).clamp(min=0.05)
+    wav = wav * envelope + 0.01 * torch.randn(t.shape, generator=g)
+    return (0.3 * wav / wav.abs().max()).float()
+
+
+def english_conds(s3gen, t3, seed: int = 0):
+    """Built-in voice conditionals (conds.pt): S3Gen reference from a synthetic 10 s voice,
+    a fixed speaker embedding and prompt tokens for T3."""
+    from chatterbox.models.t3.modules.cond_enc import T3Cond
+    from chatterbox.tts import Conditionals
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        gen = s3gen.embed_ref(synthetic_voice(seed=seed), 24000, device="cpu")
+    speaker = torch.randn(1, t3.hp.speaker_embed_size, generator=g)
+    t3_cond = T3Cond(
+        speaker_emb=speaker / speaker.norm(),
+        cond_prompt_speech_tokens=torch.randint(0, 6561, (1, t3.hp.speech_cond_prompt_len), generator=g),
+        emotion_adv=0.5 * torch.ones(1, 1, 1),
+    )
+    return Conditionals(t3_cond, {k: (v.clone() if torch.is_tensor(v) else v) for k, v in gen.items()})
+
+
+def _save_safetensors(module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(path))
+
+
+def write_english_checkpoint(folder, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a full-size random English checkpoint into `folder`; return the folder."""
+    from chatterbox.models.s3gen import S3Gen
+    from chatterbox.models.voice_encoder import VoiceEncoder
+
+    folder = Path(folder)
+    if not overwrite and all((folder / f).exists() for f in ENGLISH_FILES):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    ve = _seeded(seed + 1, VoiceEncoder).eval()
+    t3 = full_t3(seed)
+    s3gen = _seeded(seed + 2, S3Gen).eval()
+    _save_safetensors(ve, folder / "ve.safetensors")
+    _save_safetensors(t3, folder / "t3_cfg.safetensors")
+    _save_safetensors(s3gen, folder / "s3gen.safetensors")
+    write_tokenizer(folder / "tokenizer.json")
+    english_conds(s3gen, t3, seed).save(folder / "conds.pt")
+    (folder / "chatterbox_accel.json").write_text(json.dumps(
+        {"family": "english", "seed": seed, "random_weights": True}, indent=1))
+    logger.info("wrote random-weight English checkpoint to %s", folder)
+    return folder
+
+
+def tiny_english_model(folder, device="cpu", seed: int = 0, layers: int = 2):
+    """A ChatterboxTTS with a tiny T3 and the VE, S3Gen, tokenizer and voice of the full
+    checkpoint in `folder` (written there first if missing). Loads the parts the way
+    `ChatterboxTTS.from_local` does, skipping its 2 GB T3."""
+    from chatterbox.models.s3gen import S3Gen
+    from chatterbox.models.tokenizers import EnTokenizer
+    from chatterbox.models.voice_encoder import VoiceEncoder
+    from chatterbox.tts import ChatterboxTTS, Conditionals
+    from safetensors.torch import load_file
+
+    folder = write_english_checkpoint(folder, seed=seed)
+    ve = VoiceEncoder()
+    ve.load_state_dict(load_file(folder / "ve.safetensors"))
+    s3gen = S3Gen()
+    s3gen.load_state_dict(load_file(folder / "s3gen.safetensors"), strict=False)
+    conds = Conditionals.load(folder / "conds.pt").to(device)
+    return ChatterboxTTS(tiny_t3(seed, layers).to(device), s3gen.to(device).eval(), ve.to(device).eval(),
+                         EnTokenizer(str(folder / "tokenizer.json")), device, conds=conds)

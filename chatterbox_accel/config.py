@@ -1,0 +1,120 @@
+"""AccelConfig: every switch of `accelerate()`, validated.
+
+Unknown option names and bad values raise `ValueError` naming the option and the
+allowed values, so a typo never silently turns an optimization off.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
+COMPILE_TARGETS = ("t3", "s3gen", "ve")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class AccelConfig:
+    """Options of `chatterbox_accel.accelerate(model, **options)`."""
+
+    # Use the fast T3 decode loop (static KV cache, fused device-side sampler).
+    t3: bool = True
+    # Preallocate the KV cache once and reuse it across calls (False: allocate per call).
+    static_cache: bool = True
+    # Attention kernel: "auto" = flash-attn when installed and usable, else SDPA.
+    attention: str = "auto"
+    # torch.compile the decode step. None = on for CUDA, off elsewhere (it costs minutes of
+    # compile time on a CPU for little gain; the step is memory-bound there).
+    compile: bool | None = None
+    # torch.compile mode: "default", "reduce-overhead" (CUDA graphs) or "max-autotune".
+    compile_mode: str = "default"
+    # Which parts torch.compile may touch: any of "t3", "s3gen", "ve".
+    compile_targets: tuple = ("t3",)
+    # Capture the decode step in CUDA graphs (one per KV-length bucket). None = on for CUDA.
+    cuda_graphs: bool | None = None
+    # KV-length bucket size for CUDA graphs and for how far attention reads the cache.
+    kv_bucket: int = 256
+    # Check the EOS flag on the host every this many steps (one device sync per check).
+    # None = every step on CPU (a sync is free there, a wasted step is not), 16 on GPUs.
+    eos_check_every: int | None = None
+    # T3 compute dtype: "float32" (exact parity) or "bfloat16"/"float16" (GPU, faster).
+    dtype: str = "float32"
+    # Run the output check (original vs patched on a teacher-forced probe) after patching.
+    check: bool = True
+    # Teacher-forced probe length of the output check, in speech tokens.
+    check_steps: int = 8
+    # Largest allowed |logit difference| of the output check, relative to max |logit|.
+    # None = 1e-3 for float32, 5e-2 for reduced precision.
+    check_tolerance: float | None = None
+    # Raise instead of warning when the output check fails (the model is restored either way).
+    strict: bool = False
+
+    def __post_init__(self):
+        _choice("attention", self.attention, ATTENTION_BACKENDS)
+        _choice("compile_mode", self.compile_mode, COMPILE_MODES)
+        _choice("dtype", self.dtype, DTYPES)
+        if isinstance(self.compile_targets, str):
+            self.compile_targets = (self.compile_targets,)
+        self.compile_targets = tuple(self.compile_targets)
+        for target in self.compile_targets:
+            _choice("compile_targets", target, COMPILE_TARGETS)
+        for name in ("t3", "static_cache", "check", "strict"):
+            _bool(name, getattr(self, name))
+        for name in ("compile", "cuda_graphs"):
+            if getattr(self, name) is not None:
+                _bool(name, getattr(self, name))
+        _positive_int("kv_bucket", self.kv_bucket)
+        if self.eos_check_every is not None:
+            _positive_int("eos_check_every", self.eos_check_every)
+        _positive_int("check_steps", self.check_steps)
+        if self.check_tolerance is not None and not (
+            isinstance(self.check_tolerance, (int, float)) and self.check_tolerance > 0
+        ):
+            raise ValueError(f"check_tolerance must be a positive number or None, got {self.check_tolerance!r}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None, **kwargs) -> "AccelConfig":
+        """Build a config from a dict and/or keyword options; unknown names raise."""
+        merged = {**(options or {}), **kwargs}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown}; allowed options are: {sorted(known)}"
+            )
+        return cls(**merged)
+
+    def resolved_tolerance(self) -> float:
+        if self.check_tolerance is not None:
+            return float(self.check_tolerance)
+        return 1e-3 if self.dtype == "float32" else 5e-2
+
+    def wants_compile(self, device_type: str) -> bool:
+        return self.compile if self.compile is not None else device_type == "cuda"
+
+    def wants_cuda_graphs(self, device_type: str) -> bool:
+        wanted = self.cuda_graphs if self.cuda_graphs is not None else device_type == "cuda"
+        return wanted and device_type == "cuda"
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"option {name}={value!r} is not valid; allowed values: {list(allowed)}")
+
+
+def _bool(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"option {name}={value!r} must be True or False")
+
+
+def _positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"option {name}={value!r} must be a positive integer")
+
+
+__all__ = ["AccelConfig", "COMPILE_MODES", "ATTENTION_BACKENDS"]

@@ -1,0 +1,190 @@
+"""The fast T3 decode loop: prefill, `decode_one_token`, and the loop that checks EOS every k steps.
+
+It reproduces `T3.inference` (chatterbox 0.1.7) token for token in distribution:
+- prompt = conditioning + text (+ text position emb) + BOS@speech-pos 0, then BOS@0 once more
+  (the original appends a second BOS embedding; we keep that quirk for parity);
+- CFG batch: row 0 conditional, row 1 with the text embedding zeroed (batch 1 when
+  cfg_weight == 0, which the original cannot run);
+- the token sampled at step i is fed back at speech position i + 1;
+- the output is (1, N) token ids ending with the first EOS, or N = max_new_tokens without one.
+
+Hot-path state is preallocated device tensors updated in place: cache position, speech
+position, repetition presence mask, EOS flag. The host reads the EOS flag every
+`eos_check_every` steps; the tokens decoded past the EOS are trimmed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .cache import StaticKVCache
+from .model import FastLlama, linear
+from .sampling import SamplingParams, cfg_combine, sample_next
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeState:
+    """Device tensors a decode step reads and updates in place (static for CUDA graphs)."""
+
+    token: torch.Tensor       # (1,) last sampled token
+    input_pos: torch.Tensor   # (1,) cache slot / RoPE position of `token`
+    speech_pos: torch.Tensor  # (1,) learned speech position of `token`
+    presence: torch.Tensor    # (1, V) bool: ids seen so far (repetition penalty)
+    done: torch.Tensor        # (1,) bool: EOS sampled
+
+
+class T3Runner:
+    """Fast decoding for one `T3` instance. Owns the static KV cache."""
+
+    def __init__(self, t3, *, attention, dtype=None, eos_check_every=1, kv_bucket=64,
+                 static_cache=True):
+        self.t3 = t3
+        self.hp = t3.hp
+        self.tfmr, self.speech_head = t3.tfmr, t3.speech_head
+        if dtype is not None and dtype != t3.speech_head.weight.dtype:
+            # Reduced precision runs on a private copy: the user's model is never cast.
+            import copy
+            self.tfmr = copy.deepcopy(t3.tfmr).to(dtype)
+            self.speech_head = copy.deepcopy(t3.speech_head).to(dtype)
+        self.llama = FastLlama(self.tfmr, attention)
+        self.eos_check_every = eos_check_every
+        self.kv_bucket = kv_bucket
+        self.static_cache = static_cache
+        self.cache: StaticKVCache | None = None
+        self._state: DecodeState | None = None  # reused across calls: stable addresses for graphs
+        self._params: SamplingParams | None = None
+        self.step = self.decode_one_token  # graphs.py may replace it with a compiled/captured step
+
+    # ---- prompt -------------------------------------------------------------------------------
+    def build_prompt(self, t3_cond, text_tokens, cfg_weight: float) -> torch.Tensor:
+        """Prefill embeddings (B, P, C), exactly as `T3.inference` builds them."""
+        t3, device = self.t3, self.t3.device
+        text_tokens = torch.atleast_2d(text_tokens).to(dtype=torch.long, device=device)
+        batch = 2 if cfg_weight > 0.0 else 1
+        text_tokens = text_tokens[:1].expand(batch, -1) if text_tokens.size(0) != batch else text_tokens
+        bos = torch.full((batch, 1), self.hp.start_speech_token, dtype=torch.long, device=device)
+        embeds, _ = t3.prepare_input_embeds(
+            t3_cond=t3_cond, text_tokens=text_tokens, speech_tokens=bos, cfg_weight=cfg_weight
+        )
+        bos_embed = t3.speech_emb(bos[:1]) + t3.speech_pos_emb.get_fixed_embedding(0)  # (1, 1, C)
+        return torch.cat([embeds, bos_embed.expand(batch, -1, -1)], dim=1)
+
+    # ---- cache --------------------------------------------------------------------------------
+    def get_cache(self, batch: int, length: int) -> StaticKVCache:
+        length = _round_up(length, self.kv_bucket)
+        device, dtype = self.llama.device, self.llama.dtype
+        if self.static_cache and self.cache is not None and self.cache.fits(batch, length, dtype, device):
+            return self.cache
+        self.cache = None  # free the old buffers before allocating larger ones
+        cache = self.llama.new_cache(batch, length)
+        if self.static_cache:
+            self.cache = cache
+        return cache
+
+    # ---- compute ------------------------------------------------------------------------------
+    def prefill(self, embeds, cache) -> torch.Tensor:
+        """Run the prompt; return the last position's speech logits (B, V)."""
+        P = embeds.shape[1]
+        input_pos = torch.arange(P, device=embeds.device)
+        hidden = self.llama.forward(embeds.to(self.llama.dtype), input_pos, cache, P)
+        return linear(self.speech_head, hidden[:, -1])
+
+    def decode_logits(self, state: DecodeState, cache, kv_len: int) -> torch.Tensor:
+        """Feed `state.token` at its positions; return speech logits (B, V)."""
+        t3 = self.t3
+        emb = t3.speech_emb(state.token) + t3.speech_pos_emb.emb(state.speech_pos)  # (1, C)
+        x = emb[None].expand(cache.batch, 1, -1).to(self.llama.dtype)  # (B, 1, C)
+        hidden = self.llama.forward(x, state.input_pos, cache, kv_len)
+        return linear(self.speech_head, hidden[:, -1])
+
+    def decode_one_token(self, state: DecodeState, params: SamplingParams, cache, kv_len: int):
+        """One step: logits -> sample -> update state in place (no host sync)."""
+        logits = self.decode_logits(state, cache, kv_len)
+        token = sample_next(logits, state.presence, params)
+        state.token.copy_(token)
+        state.done.logical_or_(token == self.hp.stop_speech_token)
+        state.input_pos.add_(1)
+        state.speech_pos.add_(1)
+        return token
+
+    # ---- loops --------------------------------------------------------------------------------
+    def new_state(self, prompt_len: int, device) -> DecodeState:
+        """The decode state for a fresh call, reset in place when one already exists."""
+        state = self._state
+        if state is None or state.token.device != device:
+            V = self.hp.speech_tokens_dict_size
+            long = dict(dtype=torch.long, device=device)
+            state = self._state = DecodeState(
+                token=torch.zeros(1, **long), input_pos=torch.zeros(1, **long),
+                speech_pos=torch.zeros(1, **long),
+                presence=torch.zeros(1, V, dtype=torch.bool, device=device),
+                done=torch.zeros(1, dtype=torch.bool, device=device),
+            )
+        state.token.zero_()
+        state.input_pos.fill_(prompt_len)
+        state.speech_pos.fill_(1)
+        state.presence.zero_()
+        state.presence[0, self.hp.start_speech_token] = True  # the original's id list starts with BOS
+        state.done.zero_()
+        return state
+
+    def static_params(self, params: SamplingParams) -> SamplingParams:
+        """Copy `params` into the runner's persistent parameter tensors."""
+        if self._params is None or self._params.temperature.device != params.temperature.device:
+            self._params = params
+        else:
+            self._params.copy_(params)
+        return self._params
+
+    def kv_len_for(self, position: int, cache) -> int:
+        """How many cache slots attention reads when the newest token sits at `position`."""
+        return min(_round_up(position + 1, self.kv_bucket), cache.max_len)
+
+    @torch.inference_mode()
+    def generate(self, embeds, params: SamplingParams, max_new_tokens: int) -> torch.Tensor:
+        """Sample up to `max_new_tokens` ids; returns (1, N), ending at the first EOS if any."""
+        B, P, _ = embeds.shape
+        cache = self.get_cache(B, P + max_new_tokens)
+        state = self.new_state(P, embeds.device)
+        params = self.static_params(params)
+        tokens = torch.empty(max_new_tokens, dtype=torch.long, device=embeds.device)
+        first = sample_next(self.prefill(embeds, cache), state.presence, params)
+        state.token.copy_(first)
+        state.done.copy_(first == self.hp.stop_speech_token)
+        tokens[0:1].copy_(first)
+        n = 1
+        while n < max_new_tokens:
+            if n % self.eos_check_every == 0 and bool(state.done):
+                break
+            kv_len = self.kv_len_for(P + n - 1, cache)
+            tokens[n : n + 1].copy_(self.step(state, params, cache, kv_len))
+            n += 1
+        return trim_at_eos(tokens[:n], self.hp.stop_speech_token)[None]
+
+    @torch.inference_mode()
+    def teacher_forced_logits(self, embeds, forced: torch.Tensor, cfg_weight: float) -> torch.Tensor:
+        """CFG-combined logits (N+1, V) after the prompt and after each forced token (N,)."""
+        B, P, _ = embeds.shape
+        cache = self.get_cache(B, P + forced.numel() + 1)
+        state = self.new_state(P, embeds.device)
+        cfg = torch.tensor(float(cfg_weight), device=embeds.device)
+        out = [cfg_combine(self.prefill(embeds, cache), cfg)]
+        for n, token in enumerate(forced.view(-1)):
+            state.token.copy_(token.view(1))
+            out.append(cfg_combine(self.decode_logits(state, cache, self.kv_len_for(P + n, cache)), cfg))
+            state.input_pos.add_(1)
+            state.speech_pos.add_(1)
+        return torch.cat(out, dim=0)
+
+
+def trim_at_eos(tokens: torch.Tensor, eos: int) -> torch.Tensor:
+    hits = (tokens == eos).nonzero()
+    return tokens[: int(hits[0, 0]) + 1] if hits.numel() else tokens
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

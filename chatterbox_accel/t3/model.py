@@ -1,0 +1,139 @@
+"""The T3 transformer forward over a static KV cache, reusing the HF LlamaModel's own modules.
+
+No weights are copied (except for an opt-in reduced-precision copy made by the caller): each
+layer uses the original `q_proj`, ..., `mlp`, `input_layernorm` modules and their weights, so
+the only differences from `LlamaModel.forward` are the ones that make it fast:
+- the KV cache is a preallocated `StaticKVCache` written at `input_pos` (a device tensor);
+- RoPE cos/sin come from a table precomputed once with the model's own `rotary_emb`;
+- attention is SDPA or flash-attn over the first `kv_len` cache slots with a positional mask,
+  never the eager path that `output_attentions=True` forces; no hidden states are kept;
+- on CPU, decode-sized matmuls use the faster GEMV orientation (see `linear`).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .cache import StaticKVCache
+
+logger = logging.getLogger(__name__)
+
+
+def linear(module, x):
+    """`module(x)` for an nn.Linear, picking the faster kernel for decode-sized inputs on CPU.
+
+    At M = batch*seq <= 16 rows, `W @ x^T` (a GEMV over the weight's own row-major layout) runs
+    about 2x faster than `F.linear`'s `x @ W^T` sgemm on the CPUs measured (same fp32 math,
+    differences at rounding level). Elsewhere `F.linear` is used unchanged.
+    """
+    weight, bias = module.weight, module.bias
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or rows > 16:
+        return F.linear(x, weight, bias)
+    out = torch.mm(weight, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], weight.shape[0])
+    return out if bias is None else out + bias
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_table(llama, max_len: int, device, dtype):
+    """cos/sin (max_len, head_dim) for positions 0..max_len-1, from the model's rotary_emb."""
+    positions = torch.arange(max_len, device=device)[None]  # (1, T)
+    probe = torch.empty(1, dtype=torch.float32, device=device)
+    cos, sin = llama.rotary_emb(probe, positions)  # float32, (1, T, D)
+    return cos[0].to(dtype), sin[0].to(dtype)
+
+
+def sdpa_attention(q, k_buf, v_buf, input_pos, kv_len: int):
+    """q (B, H, S, D); k_buf/v_buf (B, H, T_max, D); attends to slots <= each query's position."""
+    keys, values = k_buf[:, :, :kv_len], v_buf[:, :, :kv_len]
+    slots = torch.arange(kv_len, device=q.device)
+    mask = slots[None, :] <= input_pos[:, None]  # (S, kv_len), True = attend
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+def make_flash_attention() -> Callable | None:
+    """flash-attn's KV-cache kernel wrapped to our layout, or None when it is not usable."""
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except Exception:  # ImportError, or a broken CUDA build raising at import
+        return None
+
+    def flash_attention(q, k_buf, v_buf, input_pos, kv_len: int):
+        # flash-attn wants (B, S, H, D); our cache is (B, H, T, D), so pass transposed views.
+        # The new k/v are already in the cache; cache_seqlens = last position + 1 (device tensor).
+        B = q.shape[0]
+        seqlens = (input_pos[-1] + 1).to(torch.int32).expand(B).contiguous()
+        out = flash_attn_with_kvcache(
+            q.transpose(1, 2),
+            k_buf[:, :, :kv_len].transpose(1, 2),
+            v_buf[:, :, :kv_len].transpose(1, 2),
+            cache_seqlens=seqlens,
+            causal=True,
+        )
+        return out.transpose(1, 2)
+
+    return flash_attention
+
+
+class FastLlama:
+    """`forward(x, input_pos, cache, kv_len)` for one HF LlamaModel; returns final-norm hidden."""
+
+    def __init__(self, llama, attention: Callable = sdpa_attention):
+        cfg = llama.config
+        self.llama = llama
+        self.layers = list(llama.layers[: cfg.num_hidden_layers])
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.attention = attention
+        self.cos = self.sin = None
+
+    @property
+    def dtype(self):
+        return self.llama.norm.weight.dtype
+
+    @property
+    def device(self):
+        return self.llama.norm.weight.device
+
+    def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        if self.cos is None or self.cos.shape[0] < max_len:
+            self.cos, self.sin = rope_table(self.llama, max_len, self.device, self.dtype)
+        return StaticKVCache(
+            len(self.layers), batch, self.n_kv_heads, max_len, self.head_dim, self.dtype, self.device
+        )
+
+    def forward(self, x, input_pos, cache: StaticKVCache, kv_len: int):
+        """x (B, S, C) embeddings at positions input_pos (S,) -> hidden (B, S, C)."""
+        cos = self.cos[input_pos][None, None]  # (1, 1, S, D)
+        sin = self.sin[input_pos][None, None]
+        for i, layer in enumerate(self.layers):
+            x = x + self._attention(i, layer, layer.input_layernorm(x), input_pos, cos, sin, cache, kv_len)
+            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
+        return self.llama.norm(x)
+
+    def _attention(self, i, layer, h, input_pos, cos, sin, cache, kv_len):
+        attn = layer.self_attn
+        B, S, _ = h.shape
+        q = linear(attn.q_proj, h).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
+        k = linear(attn.k_proj, h).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = linear(attn.v_proj, h).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_buf, v_buf = cache.update(i, input_pos, k, v)
+        if self.n_kv_heads != self.n_heads:  # GQA: not used by chatterbox's configs, kept correct
+            rep = self.n_heads // self.n_kv_heads
+            k_buf, v_buf = k_buf.repeat_interleave(rep, 1), v_buf.repeat_interleave(rep, 1)
+        out = self.attention(q, k_buf, v_buf, input_pos, kv_len)  # (B, H, S, D)
+        return linear(attn.o_proj, out.transpose(1, 2).reshape(B, S, -1))
+
+    @staticmethod
+    def _mlp(mlp, h):
+        return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))

@@ -1,0 +1,79 @@
+"""The `T3.inference` replacement: a wrapt wrapper that routes supported calls to `T3Runner`.
+
+Calls the fast path cannot serve exactly (options it does not implement) go to the original
+method untouched; a fast-path failure at run time is logged, disables the fast path for this
+model, and the call is answered by the original method.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# T3.inference's keyword defaults in chatterbox-tts 0.1.7.
+INFERENCE_DEFAULTS = dict(
+    initial_speech_tokens=None, prepend_prompt_speech_tokens=None, num_return_sequences=1,
+    max_new_tokens=None, stop_on_eos=True, do_sample=True, temperature=0.8, top_p=0.95,
+    min_p=0.05, length_penalty=1.0, repetition_penalty=1.2, cfg_weight=0.5,
+)
+
+
+def unsupported_reason(t3, args, opts) -> str | None:
+    """Why the fast path can't serve this call exactly (None when it can)."""
+    if args:
+        return "positional arguments"
+    unknown = set(opts) - set(INFERENCE_DEFAULTS) - {"t3_cond", "text_tokens"}
+    if unknown:
+        return f"unknown arguments {sorted(unknown)}"
+    if opts["initial_speech_tokens"] is not None or opts["prepend_prompt_speech_tokens"] is not None:
+        return "initial/prepended speech tokens"
+    if opts["num_return_sequences"] != 1 or not opts["stop_on_eos"]:
+        return "num_return_sequences != 1 or stop_on_eos=False"
+    if t3.hp.is_multilingual:
+        return "multilingual alignment analyzer"
+    return None
+
+
+class FastInference:
+    """wrapt wrapper for `T3.inference`."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.disabled: str | None = None  # reason, once a run-time failure switched us off
+        self.calls = {"fast": 0, "original": 0}
+
+    def __call__(self, wrapped, instance, args, kwargs):
+        opts = {**INFERENCE_DEFAULTS, **kwargs}
+        reason = self.disabled or unsupported_reason(self.runner.t3, args, opts)
+        if reason is None:
+            try:
+                tokens = self.run(opts)
+                self.calls["fast"] += 1
+                return tokens
+            except ValueError:
+                raise  # bad sampling options: the user's error, not a fast-path failure
+            except Exception as exc:
+                self.disabled = f"{type(exc).__name__}: {exc}"
+                logger.warning("chatterbox_accel: fast T3 decode failed (%s); this model now uses "
+                               "the original T3.inference. Call restore(model) to remove the patches.",
+                               self.disabled)
+        else:
+            logger.debug("chatterbox_accel: original T3.inference for this call (%s)", reason)
+        self.calls["original"] += 1
+        return wrapped(*args, **kwargs)
+
+    def run(self, opts) -> torch.Tensor:
+        runner = self.runner
+        cfg_weight = float(opts["cfg_weight"])
+        max_new = opts["max_new_tokens"] or runner.hp.max_speech_tokens
+        with torch.inference_mode():
+            params = SamplingParams.make(
+                runner.t3.device, cfg_weight=cfg_weight, temperature=opts["temperature"],
+                repetition_penalty=opts["repetition_penalty"], min_p=opts["min_p"], top_p=opts["top_p"],
+            )
+            embeds = runner.build_prompt(opts["t3_cond"], opts["text_tokens"], cfg_weight)
+            return runner.generate(embeds, params, int(max_new))
