@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Side-by-side T3 decode benchmark: original chatterbox T3.inference vs chatterbox_accel.
+
+Same random weights (full-size T3 unless --layers), CFG batch 2, N tokens per run, warm-up then
+alternating repeats; prints a table, then one JSON line last.
+
+    python scripts/bench_t3.py --tokens 40 --repeats 3
+"""
+import argparse
+import logging
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # the original's per-step progress bar
+
+import torch  # noqa: E402
+
+from chatterbox_accel.benchmark import bench_t3, json_line  # noqa: E402
+from chatterbox_accel.checkpoints import full_t3, tiny_t3  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=40, help="speech tokens per run (default 40)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--layers", type=int, default=0, help="tiny T3 with this many layers (0 = full size)")
+    ap.add_argument("--no-compile", action="store_true", help="disable torch.compile / CUDA graphs")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    t3 = (tiny_t3(layers=args.layers) if args.layers else full_t3()).to(args.device)
+    options = {"dtype": args.dtype}
+    if args.no_compile:
+        options.update(compile=False, cuda_graphs=False)
+    result = bench_t3(t3, tokens=args.tokens, repeats=args.repeats, warmup=args.warmup, options=options)
+    print(result.table())
+    print(result.check)
+    print(json_line(result.summary()))
+
+
+if __name__ == "__main__":
+    main()
