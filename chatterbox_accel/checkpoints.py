@@ -34,6 +34,10 @@ def english_vocab() -> dict:
     for ch in chars:
         vocab[ch] = next_id
         next_id += 1
+    used = set(vocab.values())
+    for i in range(TEXT_VOCAB):  # no holes: tokenizers warns about (and may mangle) sparse ids
+        if i not in used:
+            vocab[f"<unused{i}>"] = i
     return vocab
 
 
@@ -52,7 +56,7 @@ def _seeded(seed: int, build):
     return build()
 
 
-def tiny_t3(seed: int = 0, layers: int = 2):
+def tiny_t3(seed: int = 0, layers: int = 2, stop_after: int | None = None):
     """A T3 with a `layers`-deep Llama backbone (registered under TINY_LLAMA), random weights."""
     from chatterbox.models.t3 import T3
     from chatterbox.models.t3.llama_configs import LLAMA_520M_CONFIG_DICT, LLAMA_CONFIGS
@@ -62,21 +66,35 @@ def tiny_t3(seed: int = 0, layers: int = 2):
     LLAMA_CONFIGS.setdefault(name, {**LLAMA_520M_CONFIG_DICT, "num_hidden_layers": layers})
     hp = T3Config.english_only()
     hp.llama_config_name = name
-    return _shape_speech_head(_seeded(seed, lambda: T3(hp)).eval())
+    return _shape_speech_head(_seeded(seed, lambda: T3(hp)).eval(), stop_after)
 
 
-def full_t3(seed: int = 0):
+def full_t3(seed: int = 0, stop_after: int | None = None):
     from chatterbox.models.t3 import T3
 
-    return _shape_speech_head(_seeded(seed, T3).eval())
+    return _shape_speech_head(_seeded(seed, T3).eval(), stop_after)
 
 
 @torch.no_grad()
-def _shape_speech_head(t3):
-    """Random heads emit start/stop/pad ids (>= 6561) ~20 % of the time; a trained T3 almost
-    never does except to stop. Scale those rows down so random models behave like trained ones
-    (they then run to max_new_tokens: benchmarks pass it explicitly)."""
+def _shape_speech_head(t3, stop_after: int | None = None):
+    """Make a random T3 behave like a trained one where it matters for timing.
+
+    Random heads emit start/stop/pad ids (>= 6561) ~20 % of the time; a trained T3 emits them
+    only to stop. Those rows are scaled down, so the model runs to max_new_tokens.
+    With `stop_after=N`, it stops like a trained one instead: speech positions >= N carry a
+    large component along one direction d of the residual stream, and the EOS row of the head
+    reads d, so EOS wins from about the N-th token on. `generate()` (which hard-codes
+    max_new_tokens=1000) then yields ~N tokens, and the original and the fast path stop alike.
+    """
     t3.speech_head.weight[6561:] *= 0.05
+    if stop_after is not None:
+        g = torch.Generator().manual_seed(99)
+        d = torch.randn(t3.dim, generator=g)
+        d = d / d.norm()
+        t3.speech_pos_emb.emb.weight[stop_after:] += 100.0 * d
+        # Before position N, d.h ~ N(0, 1): the EOS logit stays ~0.3, below the usual maximum
+        # (~2); after it, h is almost parallel to d (d.h ~ 30) and the EOS logit is ~9.
+        t3.speech_head.weight[t3.hp.stop_speech_token] = 0.3 * d
     return t3
 
 
@@ -117,8 +135,10 @@ def _save_safetensors(module, path: Path) -> None:
     save_file(state, str(path))
 
 
-def write_english_checkpoint(folder, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write a full-size random English checkpoint into `folder`; return the folder."""
+def write_english_checkpoint(folder, seed: int = 0, overwrite: bool = False,
+                             stop_after: int | None = None) -> Path:
+    """Write a full-size random English checkpoint into `folder`; return the folder.
+    `stop_after`: make T3 stop after about that many speech tokens (see _shape_speech_head)."""
     from chatterbox.models.s3gen import S3Gen
     from chatterbox.models.voice_encoder import VoiceEncoder
 
@@ -127,7 +147,7 @@ def write_english_checkpoint(folder, seed: int = 0, overwrite: bool = False) -> 
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     ve = _seeded(seed + 1, VoiceEncoder).eval()
-    t3 = full_t3(seed)
+    t3 = full_t3(seed, stop_after)
     s3gen = _seeded(seed + 2, S3Gen).eval()
     _save_safetensors(ve, folder / "ve.safetensors")
     _save_safetensors(t3, folder / "t3_cfg.safetensors")
@@ -135,12 +155,12 @@ def write_english_checkpoint(folder, seed: int = 0, overwrite: bool = False) -> 
     write_tokenizer(folder / "tokenizer.json")
     english_conds(s3gen, t3, seed).save(folder / "conds.pt")
     (folder / "chatterbox_accel.json").write_text(json.dumps(
-        {"family": "english", "seed": seed, "random_weights": True}, indent=1))
+        {"family": "english", "seed": seed, "random_weights": True, "stop_after": stop_after}, indent=1))
     logger.info("wrote random-weight English checkpoint to %s", folder)
     return folder
 
 
-def tiny_english_model(folder, device="cpu", seed: int = 0, layers: int = 2):
+def tiny_english_model(folder, device="cpu", seed: int = 0, layers: int = 2, stop_after: int | None = 12):
     """A ChatterboxTTS with a tiny T3 and the VE, S3Gen, tokenizer and voice of the full
     checkpoint in `folder` (written there first if missing). Loads the parts the way
     `ChatterboxTTS.from_local` does, skipping its 2 GB T3."""
@@ -156,5 +176,5 @@ def tiny_english_model(folder, device="cpu", seed: int = 0, layers: int = 2):
     s3gen = S3Gen()
     s3gen.load_state_dict(load_file(folder / "s3gen.safetensors"), strict=False)
     conds = Conditionals.load(folder / "conds.pt").to(device)
-    return ChatterboxTTS(tiny_t3(seed, layers).to(device), s3gen.to(device).eval(), ve.to(device).eval(),
+    return ChatterboxTTS(tiny_t3(seed, layers, stop_after).to(device), s3gen.to(device).eval(), ve.to(device).eval(),
                          EnTokenizer(str(folder / "tokenizer.json")), device, conds=conds)

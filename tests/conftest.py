@@ -1,0 +1,70 @@
+"""Shared fixtures: random-weight checkpoints and models, and the original-path references."""
+import dataclasses
+import os
+import types
+
+import pytest
+import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # the original T3 loop's progress bar
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+STOP_AFTER = 16  # the test checkpoint's T3 stops after ~16 speech tokens (see checkpoints.py)
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory):
+    """A full-size random English checkpoint in the official layout (written once per session)."""
+    from chatterbox_accel.checkpoints import write_english_checkpoint
+
+    path = os.environ.get("CHATTERBOX_ACCEL_TEST_CKPT") or tmp_path_factory.mktemp("ckpt-english")
+    return write_english_checkpoint(path, stop_after=STOP_AFTER)
+
+
+@pytest.fixture
+def tiny_model(ckpt_dir):
+    """A fresh ChatterboxTTS with a 2-layer T3 (full-size S3Gen/VE/tokenizer/voice)."""
+    from chatterbox_accel.checkpoints import tiny_english_model
+
+    return tiny_english_model(ckpt_dir, stop_after=STOP_AFTER)
+
+
+@pytest.fixture
+def tiny_t3():
+    from chatterbox_accel.checkpoints import tiny_t3
+
+    return tiny_t3(seed=0, layers=2)
+
+
+def holder(t3, conds=None):
+    """The smallest object accelerate() accepts: anything with a `.t3`."""
+    return types.SimpleNamespace(t3=t3, conds=conds)
+
+
+def probe(t3, steps=10, cfg_weight=0.5):
+    from chatterbox_accel.check import probe_inputs
+
+    return probe_inputs(t3, None, steps, cfg_weight)
+
+
+def fresh(t3_cond):
+    return dataclasses.replace(t3_cond, cond_prompt_speech_emb=None)
+
+
+def original_forced_logits(t3, t3_cond, text, forced, cfg_weight=0.5, monkeypatch=None):
+    """Per-step CFG logits of the ORIGINAL `T3.inference` loop, teacher-forced: its
+    `torch.multinomial` returns the forced tokens and a hook on `speech_head` records logits."""
+    records = []
+    hook = t3.speech_head.register_forward_hook(lambda m, i, o: records.append(o[:, -1].detach().clone()))
+    tokens = iter(forced.tolist())
+    monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples: torch.tensor([[next(tokens)]]))
+    try:
+        out = type(t3).inference(t3, t3_cond=fresh(t3_cond), text_tokens=text,
+                                 max_new_tokens=forced.numel(), cfg_weight=cfg_weight)
+    finally:
+        hook.remove()
+        monkeypatch.undo()
+    assert out[0].tolist() == forced.tolist()
+    # The original runs one forward per sampled token, plus a last one whose logits it ignores.
+    logits = torch.stack([r[0] + cfg_weight * (r[0] - r[1]) for r in records])
+    return logits[: forced.numel()]
