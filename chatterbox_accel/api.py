@@ -147,7 +147,12 @@ def _build_runner(t3, cfg: AccelConfig, report: AccelReport) -> T3Runner:
     attention = _select_attention(cfg, device_type, dtype, report)
     eos_every = cfg.eos_check_every if cfg.eos_check_every is not None else (
         1 if device_type == "cpu" else 16)  # a CPU "sync" is free; a wasted CPU step is not
-    bucket = cfg.kv_bucket if cfg.wants_cuda_graphs(device_type) else 32
+    if cfg.wants_compile(device_type) and "t3" in cfg.compile_targets:
+        bucket = None  # one static shape for torch.compile
+    elif cfg.wants_cuda_graphs(device_type):
+        bucket = cfg.kv_bucket  # one captured graph per bucket
+    else:
+        bucket = 32  # eager: read little more of the cache than is filled
     return T3Runner(t3, attention=attention, dtype=dtype, eos_check_every=eos_every,
                     kv_bucket=bucket, static_cache=cfg.static_cache)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from chatterbox.tts import REPO_ID, ChatterboxTTS
 
 from .api import accelerate, restore
+from .config import AccelConfig
 
 ENGLISH_FILES = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt")
 
@@ -19,6 +20,7 @@ class OptimizedChatterboxTTS(ChatterboxTTS):
 
     @classmethod
     def from_local(cls, ckpt_dir, device, optimizations: dict | None = None) -> "OptimizedChatterboxTTS":
+        AccelConfig.from_options(optimizations)  # bad options fail before seconds of loading
         model = super().from_local(ckpt_dir, device)  # builds cls(...) with chatterbox's own loader
         model.accelerate(**(optimizations or {}))
         return model
@@ -28,6 +30,7 @@ class OptimizedChatterboxTTS(ChatterboxTTS):
         """Download (or reuse the cached) official weights from the Hugging Face hub, as upstream does."""
         from huggingface_hub import hf_hub_download
 
+        AccelConfig.from_options(optimizations)
         local_path = None
         for fname in ENGLISH_FILES:
             local_path = hf_hub_download(repo_id=REPO_ID, filename=fname)

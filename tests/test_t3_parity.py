@@ -53,8 +53,11 @@ def test_without_cfg_matches_the_conditional_row(tiny_t3):
 
 
 def test_low_temperature_gives_the_same_tokens(tiny_t3):
+    # 1e-6: any top-2 logit gap above ~1e-4 decides the token regardless of the RNG (at 1e-3,
+    # random weights hit gaps small enough for the draw to matter a few % of steps).
+    torch.manual_seed(0)
     t3_cond, text, _ = probe(tiny_t3)
-    kwargs = dict(text_tokens=text, max_new_tokens=40, temperature=1e-3, cfg_weight=0.5, top_p=1.0)
+    kwargs = dict(text_tokens=text, max_new_tokens=40, temperature=1e-6, cfg_weight=0.5, top_p=1.0)
     original = type(tiny_t3).inference(tiny_t3, t3_cond=fresh(t3_cond), **kwargs)
     model = holder(tiny_t3)
     accelerate(model, check=False)

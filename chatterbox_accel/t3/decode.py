@@ -40,8 +40,11 @@ class DecodeState:
 class T3Runner:
     """Fast decoding for one `T3` instance. Owns the static KV cache."""
 
-    def __init__(self, t3, *, attention, dtype=None, eos_check_every=1, kv_bucket=64,
+    def __init__(self, t3, *, attention, dtype=None, eos_check_every=1, kv_bucket: int | None = 64,
                  static_cache=True):
+        """kv_bucket: attention reads the cache up to the next multiple of this past the newest
+        token (a few shapes: one CUDA graph each). None: always the whole cache (one shape,
+        for torch.compile, which would otherwise recompile per bucket)."""
         self.t3 = t3
         self.hp = t3.hp
         self.tfmr, self.speech_head = t3.tfmr, t3.speech_head
@@ -75,7 +78,7 @@ class T3Runner:
 
     # ---- cache --------------------------------------------------------------------------------
     def get_cache(self, batch: int, length: int) -> StaticKVCache:
-        length = _round_up(length, self.kv_bucket)
+        length = _round_up(length, self.kv_bucket or 256)
         device, dtype = self.llama.device, self.llama.dtype
         if self.static_cache and self.cache is not None and self.cache.fits(batch, length, dtype, device):
             return self.cache
@@ -142,6 +145,8 @@ class T3Runner:
 
     def kv_len_for(self, position: int, cache) -> int:
         """How many cache slots attention reads when the newest token sits at `position`."""
+        if self.kv_bucket is None:
+            return cache.max_len
         return min(_round_up(position + 1, self.kv_bucket), cache.max_len)
 
     @torch.inference_mode()

@@ -1,0 +1,85 @@
+"""The drop-in class, the CHATTERBOX_ACCEL=1 hook (in subprocesses) and the checkpoints."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from chatterbox_accel.checkpoints import ENGLISH_FILES, english_vocab, tiny_t3
+
+APP = textwrap.dedent("""
+    import sys
+    from chatterbox.tts import ChatterboxTTS
+    model = ChatterboxTTS.from_local(sys.argv[1], "cpu")
+    print("PATCHED" if "inference" in model.t3.__dict__ else "UNPATCHED")
+""")
+
+
+def run_app(tmp_path, ckpt_dir, **env):
+    app = tmp_path / "app.py"
+    app.write_text(APP)  # never imports chatterbox_accel
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CHATTERBOX_ACCEL")}
+    environ.update(env)
+    proc = subprocess.run([sys.executable, str(app), str(ckpt_dir)], capture_output=True, text=True,
+                          env=environ, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_env_toggle_accelerates_an_app_that_never_imports_us(tmp_path, ckpt_dir):
+    assert run_app(tmp_path, ckpt_dir, CHATTERBOX_ACCEL="1",
+                   CHATTERBOX_ACCEL_OPTIONS='{"check_steps": 4}') == "PATCHED"
+
+
+def test_without_the_env_toggle_nothing_is_patched(tmp_path, ckpt_dir):
+    assert run_app(tmp_path, ckpt_dir) == "UNPATCHED"
+    assert run_app(tmp_path, ckpt_dir, CHATTERBOX_ACCEL="0") == "UNPATCHED"
+
+
+def test_importing_the_package_patches_nothing():
+    code = ("import chatterbox_accel, sys; "
+            "print('torch' in sys.modules, 'chatterbox' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_drop_in_class_loads_accelerated_and_generates(ckpt_dir):
+    from chatterbox.tts import ChatterboxTTS
+
+    from chatterbox_accel import OptimizedChatterboxTTS, is_accelerated, restore
+
+    model = OptimizedChatterboxTTS.from_local(ckpt_dir, "cpu", optimizations={"check_steps": 4})
+    assert isinstance(model, ChatterboxTTS) and is_accelerated(model)
+    assert model.accel_report.check.passed, str(model.accel_report)
+    torch.manual_seed(0)
+    wav = model.generate("Quick check.")
+    assert wav.ndim == 2 and wav.shape[0] == 1 and wav.shape[1] > 0 and model.sr == 24000
+    restore(model)
+    assert not is_accelerated(model)
+
+
+def test_drop_in_rejects_bad_options_before_loading(tmp_path):
+    from chatterbox_accel import OptimizedChatterboxTTS
+
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['turbo'\]"):
+        OptimizedChatterboxTTS.from_local(tmp_path / "missing", "cpu", optimizations={"turbo": True})
+
+
+def test_checkpoint_layout_and_tokenizer(ckpt_dir):
+    from chatterbox.models.tokenizers import EnTokenizer
+
+    assert all((ckpt_dir / name).exists() for name in ENGLISH_FILES)
+    tok = EnTokenizer(str(ckpt_dir / "tokenizer.json"))
+    vocab = tok.tokenizer.get_vocab()
+    assert vocab["[START]"] == 255 and vocab["[STOP]"] == 0 and max(vocab.values()) < 704
+    ids = tok.text_to_tokens("Hi there.")[0].tolist()
+    assert ids == [english_vocab()[c] if c != " " else 2 for c in "Hi there."]
+
+
+def test_random_weights_are_seeded():
+    a, b, c = tiny_t3(seed=4), tiny_t3(seed=4), tiny_t3(seed=5)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["speech_head.weight"], sc["speech_head.weight"])
