@@ -10,7 +10,7 @@ from .config import AccelConfig
 
 __version__ = "0.1.0"
 __all__ = ["accelerate", "restore", "is_accelerated", "AccelConfig", "AccelReport",
-           "OutputCheckError", "OptimizedChatterboxTTS"]
+           "OutputCheckError", "OptimizedChatterboxTTS", "save_voice", "load_voice"]
 
 
 def __getattr__(name):
@@ -18,6 +18,9 @@ def __getattr__(name):
     if name in ("accelerate", "restore", "is_accelerated", "AccelReport", "OutputCheckError"):
         from . import api
         return getattr(api, name)
+    if name in ("save_voice", "load_voice"):
+        from . import voice
+        return getattr(voice, name)
     if name == "OptimizedChatterboxTTS":
         from .drop_in import OptimizedChatterboxTTS
         return OptimizedChatterboxTTS

@@ -21,6 +21,7 @@ from .t3.graphs import install_step
 from .t3.model import make_flash_attention, sdpa_attention
 from .t3.patch import FastInference
 from .t3.sampling import SamplingParams
+from .voice import CachedPrepareConditionals, VoiceCache
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
     report = AccelReport(device=str(t3.device))
     registry = get_registry(model, create=True)
     try:
+        if cfg.voice_cache and callable(getattr(model, "prepare_conditionals", None)):
+            cache = registry.state["voice_cache"] = VoiceCache(cfg.voice_cache_size)
+            registry.wrap_method(model, "prepare_conditionals", CachedPrepareConditionals(cache))
+            report.applied.append("voice_cache")
         if cfg.t3:
             runner = _build_runner(t3, cfg, report)
             _install_steps(runner, t3, cfg, report)

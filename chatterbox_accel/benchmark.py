@@ -11,7 +11,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -125,4 +125,4 @@ def json_line(summary: dict) -> str:
     return json.dumps(summary, sort_keys=False)
 
 
-__all__ = ["bench_t3", "T3BenchResult", "hardware", "versions", "json_line", "asdict"]
+__all__ = ["bench_t3", "T3BenchResult", "hardware", "versions", "json_line"]

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
-COMPILE_TARGETS = ("t3", "s3gen", "ve")
+COMPILE_TARGETS = ("t3",)  # S3Gen and the voice encoder: not compiled yet (see README, Limitations)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -30,7 +30,7 @@ class AccelConfig:
     compile: bool | None = None
     # torch.compile mode: "default", "reduce-overhead" (CUDA graphs) or "max-autotune".
     compile_mode: str = "default"
-    # Which parts torch.compile may touch: any of "t3", "s3gen", "ve".
+    # Which parts torch.compile may touch. Only "t3" so far.
     compile_targets: tuple = ("t3",)
     # Capture the decode step in CUDA graphs (one per KV-length bucket). None = on for CUDA.
     cuda_graphs: bool | None = None
@@ -41,6 +41,10 @@ class AccelConfig:
     eos_check_every: int | None = None
     # T3 compute dtype: "float32" (exact parity) or "bfloat16"/"float16" (GPU, faster).
     dtype: str = "float32"
+    # Cache prepare_conditionals per reference audio (by content hash); reused by generate().
+    voice_cache: bool = True
+    # How many reference voices the cache keeps (least recently used ones are dropped).
+    voice_cache_size: int = 16
     # Run the output check (original vs patched on a teacher-forced probe) after patching.
     check: bool = True
     # Teacher-forced probe length of the output check, in speech tokens.
@@ -60,12 +64,13 @@ class AccelConfig:
         self.compile_targets = tuple(self.compile_targets)
         for target in self.compile_targets:
             _choice("compile_targets", target, COMPILE_TARGETS)
-        for name in ("t3", "static_cache", "check", "strict"):
+        for name in ("t3", "static_cache", "voice_cache", "check", "strict"):
             _bool(name, getattr(self, name))
         for name in ("compile", "cuda_graphs"):
             if getattr(self, name) is not None:
                 _bool(name, getattr(self, name))
         _positive_int("kv_bucket", self.kv_bucket)
+        _positive_int("voice_cache_size", self.voice_cache_size)
         if self.eos_check_every is not None:
             _positive_int("eos_check_every", self.eos_check_every)
         _positive_int("check_steps", self.check_steps)

@@ -14,6 +14,7 @@ position, repetition presence mask, EOS flag. The host reads the EOS flag every
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -50,7 +51,6 @@ class T3Runner:
         self.tfmr, self.speech_head = t3.tfmr, t3.speech_head
         if dtype is not None and dtype != t3.speech_head.weight.dtype:
             # Reduced precision runs on a private copy: the user's model is never cast.
-            import copy
             self.tfmr = copy.deepcopy(t3.tfmr).to(dtype)
             self.speech_head = copy.deepcopy(t3.speech_head).to(dtype)
         self.llama = FastLlama(self.tfmr, attention)

@@ -1,0 +1,408 @@
+"""End-to-end `generate()` benchmark: original vs accelerated chatterbox, same model, one process.
+
+Contract
+- `bench_generate(model, text, ...)` -> `E2EResult`: per-stage medians of
+  `model.generate(text, audio_prompt_path=voice)` on the original and on the accelerated path.
+- One model, one set of weights. `accelerate(model, **options)` runs ONCE, with its output
+  check, before anything is timed. An "original" run lifts every instance-level patch (each
+  `wrapt.FunctionWrapper` that accelerate() stored in an instance `__dict__` of the model or of
+  its modules) for the duration of that call, so chatterbox's own class methods run: the code
+  `restore(model)` gives back, without throwing away the accelerated path's caches (which a
+  restore/accelerate toggle per run would rebuild, re-compile and re-capture). The patches are
+  put back in a `finally`. The model is left restored (original code) when the benchmark ends.
+- Stages, each timed by a temporary instance attribute removed in a `finally`:
+  conditioning = `model.prepare_conditionals` (0 with the built-in voice; with a voice cache
+  the accelerated path hits it after warm-up, as it would in an app reusing one voice),
+  t3 = `model.t3.inference`, s3gen = `model.s3gen.inference`,
+  watermark = `model.watermarker.apply_watermark`. total = wall time of `generate()`;
+  audio = output samples / model.sr; RTF = total / audio (below 1: faster than real time).
+- Peak memory, above the level before the call: CUDA `torch.cuda.max_memory_allocated`; CPU the
+  resident set size sampled every 5 ms from /proc/self/statm (ru_maxrss, a lifetime
+  high-water mark, cannot tell two alternating paths apart; it is the fallback off Linux).
+- Warm-up runs of both paths are not recorded; then the paths alternate run by run so machine
+  noise hits both alike, and results are medians. Each run is seeded (`seed + run index`).
+- Random-weight T3s never stop on their own: benchmark checkpoints written with
+  `write_english_checkpoint(folder, stop_after=N)`, which stop after ~N tokens (25 = 1 s).
+- Library code: never prints; `progress(message)` is an optional callback for UIs.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TOKENS_PER_SECOND = 25  # S3 speech tokens per second of audio
+PATHS = ("original", "accelerated")
+# (stage name, attribute of the model holding the method (None: the model), method name)
+STAGES = (("conditioning", None, "prepare_conditionals"), ("t3", "t3", "inference"),
+          ("s3gen", "s3gen", "inference"), ("watermark", "watermarker", "apply_watermark"))
+STAGE_NAMES = tuple(s[0] for s in STAGES)
+_MISSING = object()
+PASSAGE = ("The quick brown fox jumps over the lazy dog while morning light spreads across the quiet "
+           "valley. Somewhere far away a train whistles as it carries travellers home through fields "
+           "of gold and green, and the river keeps singing its old song to anyone who will listen.")
+
+
+def text_for_seconds(seconds: float) -> str:
+    """English text that takes about `seconds` to speak (~2.5 words per second)."""
+    words = PASSAGE.split()
+    n = max(2, round(2.5 * seconds))
+    text = " ".join(words[i % len(words)] for i in range(n)).rstrip(".,")
+    return text[0].upper() + text[1:] + "."
+
+
+def stop_after_for(seconds: float) -> int:
+    """Speech tokens for `seconds` of audio: the `stop_after` of a random checkpoint."""
+    return max(1, round(TOKENS_PER_SECOND * seconds))
+
+
+@dataclass
+class Run:
+    """One timed `generate()` call."""
+
+    stages: dict        # stage name -> seconds
+    total_s: float      # wall time of generate()
+    audio_s: float      # output samples / model.sr
+    speech_tokens: int  # tokens T3 returned (EOS included)
+    peak_mem_mb: float  # peak memory above the level before the call
+
+    @property
+    def rtf(self) -> float:
+        return self.total_s / self.audio_s if self.audio_s > 0 else math.inf
+
+
+@dataclass
+class E2EResult:
+    """Original and accelerated runs of one utterance on one model."""
+
+    label: str                 # what the row is called, e.g. "1 s"
+    text: str
+    voice: str | None = None   # reference audio, None = the model's built-in voice
+    target_s: float | None = None
+    original: list = field(default_factory=list)     # [Run]
+    accelerated: list = field(default_factory=list)  # [Run]
+    warmup: int = 0            # unrecorded warm-up runs per path
+    check: str = ""            # the output check of accelerate()
+    applied: list = field(default_factory=list)      # optimizations accelerate() applied
+    t3_fallback_calls: int = 0  # accelerated T3 calls answered by the original code
+
+    def medians(self, path: str) -> dict:
+        runs = getattr(self, path)
+        out = {name: statistics.median(r.stages.get(name, 0.0) for r in runs) for name in STAGE_NAMES}
+        for key in ("total_s", "audio_s", "rtf", "peak_mem_mb", "speech_tokens"):
+            out[key] = statistics.median(getattr(r, key) for r in runs)
+        return out
+
+    def speedup(self) -> float:
+        return self.medians("original")["total_s"] / self.medians("accelerated")["total_s"]
+
+    def summary(self) -> dict:
+        rounded = {p: {k: round(float(v), 4) for k, v in self.medians(p).items()} for p in PATHS}
+        return {"label": self.label, "target_s": self.target_s, "text_chars": len(self.text),
+                "voice": self.voice, "runs": len(self.original), **rounded,
+                "speedup": round(self.speedup(), 3), "t3_fallback_calls": self.t3_fallback_calls}
+
+
+@dataclass
+class E2EBenchmark:
+    """Several `E2EResult`s (one per utterance length) and where they were measured."""
+
+    results: list                 # [E2EResult]
+    device: str = ""
+    options: dict = field(default_factory=dict)  # accelerate() options
+    memory: str = ""              # how peak memory was measured
+
+    def summary(self) -> dict:
+        from .benchmark import hardware, versions
+
+        first = self.results[0] if self.results else E2EResult("", "")
+        return {"benchmark": "e2e_generate", "model": "english", "device": self.device,
+                "hardware": hardware(), **versions(), "options": self.options, "warmup": first.warmup,
+                "memory": self.memory, "check": first.check, "applied": first.applied,
+                "results": [r.summary() for r in self.results]}
+
+    def table(self) -> str:
+        from .benchmark import hardware, versions
+
+        v = versions()
+        first = self.results[0] if self.results else E2EResult("", "")
+        lines = [f"End-to-end ChatterboxTTS.generate(), {self.device}: {hardware()}",
+                 f"torch {v['torch']}, transformers {v['transformers']}, chatterbox-tts {v['chatterbox-tts']}; "
+                 f"accelerated: {', '.join(first.applied) or '-'}",
+                 f"{first.check or 'output check not run'}",
+                 f"median of {len(first.original)} run(s) per path after {first.warmup} warm-up; "
+                 f"seconds; peak memory ({self.memory}) above the level before the call",
+                 f"{'length':>8s}  {'path':11s} {'cond':>6s} {'T3':>7s} {'S3Gen':>7s} {'wmark':>6s} "
+                 f"{'total':>7s} {'audio':>6s} {'RTF':>6s} {'tokens':>6s} {'peak MB':>8s} {'speedup':>7s}"]
+        for r in self.results:
+            for path in PATHS:
+                m = r.medians(path)
+                speed = f"{r.speedup():6.2f}x" if path == "accelerated" else f"{'':7s}"
+                lines.append(f"{r.label if path == 'original' else '':>8s}  {path:11s} {m['conditioning']:6.2f} "
+                             f"{m['t3']:7.2f} {m['s3gen']:7.2f} {m['watermark']:6.2f} {m['total_s']:7.2f} "
+                             f"{m['audio_s']:6.2f} {m['rtf']:6.2f} {m['speech_tokens']:6.0f} "
+                             f"{m['peak_mem_mb']:8.0f} {speed}")
+        return "\n".join(lines)
+
+
+# ---- the benchmark --------------------------------------------------------------------------
+def bench_generate(model, text: str, *, voice=None, repeats: int = 3, warmup: int = 1, options=None,
+                   seed: int = 0, label: str = "", target_s: float | None = None, progress=None,
+                   **generate_kwargs) -> E2EResult:
+    """Time `model.generate(text, audio_prompt_path=voice, **generate_kwargs)`, original vs
+    accelerated (see the module docstring). Raises `OutputCheckError` if accelerate()'s output
+    check fails: there would be no accelerated path to measure."""
+    from .api import OutputCheckError, accelerate, restore
+
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    report = accelerate(model, **(options or {}))
+    if not report.ok:
+        raise OutputCheckError(f"{report.check}; the model was restored, so there is no accelerated "
+                               "path to benchmark")
+    result = E2EResult(label=label, text=text, voice=None if voice is None else str(voice), target_s=target_s,
+                       warmup=warmup, check=str(report.check or "output check not run"), applied=list(report.applied))
+    try:
+        for i in range(warmup + repeats):
+            for path in PATHS:
+                what = "warm-up" if i < warmup else f"run {i - warmup + 1}/{repeats}"
+                if progress is not None:
+                    progress(f"{label} {path} {what}".strip())
+                torch.manual_seed(seed + i)
+                run = run_once(model, text, voice, original=(path == "original"), **generate_kwargs)
+                logger.info("%s %s %s: %.2f s total, %.2f s audio", label, path, what, run.total_s, run.audio_s)
+                if i >= warmup:
+                    getattr(result, path).append(run)
+        result.t3_fallback_calls = _fallback_calls(model)
+    finally:
+        restore(model)
+    if result.t3_fallback_calls:
+        logger.warning("%d accelerated T3 call(s) fell back to the original code; see the log above",
+                       result.t3_fallback_calls)
+    return result
+
+
+def run_once(model, text: str, voice=None, *, original: bool, **generate_kwargs) -> Run:
+    """One timed `generate()`; `original=True` lifts the accelerator's patches for the call."""
+    device = model.t3.device
+    stages: dict = {name: 0.0 for name in STAGE_NAMES}
+    tokens: list = []
+    lifted = lifted_patches(model) if original else contextlib.nullcontext()
+    with lifted, _timed_stages(model, stages, tokens, device), PeakMemory(device) as memory:
+        start = time.perf_counter()
+        wav = model.generate(text, audio_prompt_path=voice, **generate_kwargs)
+        _sync(device)
+        total = time.perf_counter() - start
+    return Run(stages=stages, total_s=total, audio_s=wav.shape[-1] / model.sr,
+               speech_tokens=sum(tokens), peak_mem_mb=memory.peak_mb)
+
+
+@contextlib.contextmanager
+def lifted_patches(model):
+    """Take every instance-level wrapt patch off the model and its modules; put them back after."""
+    import wrapt
+
+    lifted = []
+    try:
+        for obj in _patchable_objects(model):
+            for attr, value in list(vars(obj).items()):
+                if isinstance(value, wrapt.FunctionWrapper):
+                    lifted.append((obj, attr, value))
+                    del obj.__dict__[attr]
+        yield len(lifted)
+    finally:
+        for obj, attr, value in lifted:
+            obj.__dict__[attr] = value
+
+
+def _patchable_objects(model):
+    seen = set()
+    parts = [model, getattr(model, "watermarker", None), getattr(model, "tokenizer", None)]
+    for name in ("t3", "s3gen", "ve"):
+        module = getattr(model, name, None)
+        if isinstance(module, torch.nn.Module):
+            parts.extend(module.modules())
+    for obj in parts:
+        if obj is not None and id(obj) not in seen and hasattr(obj, "__dict__"):
+            seen.add(id(obj))
+            yield obj
+
+
+@contextlib.contextmanager
+def _timed_stages(model, stages: dict, tokens: list, device):
+    """Wrap each stage's method (whatever `getattr` finds now) in a timer, on the instance."""
+    installed = []
+    try:
+        for stage, part, attr in STAGES:
+            obj = model if part is None else getattr(model, part, None)
+            method = getattr(obj, attr, None)
+            if method is None or not callable(method):
+                continue
+            installed.append((obj, attr, obj.__dict__.get(attr, _MISSING)))
+            obj.__dict__[attr] = _timer(method, stage, stages, tokens if stage == "t3" else None, device)
+        yield
+    finally:
+        for obj, attr, previous in reversed(installed):
+            if previous is _MISSING:
+                obj.__dict__.pop(attr, None)
+            else:
+                obj.__dict__[attr] = previous
+
+
+def _timer(method, stage, stages, tokens, device):
+    def timed(*args, **kwargs):
+        _sync(device)
+        start = time.perf_counter()
+        out = method(*args, **kwargs)
+        _sync(device)
+        stages[stage] += time.perf_counter() - start
+        if tokens is not None and torch.is_tensor(out):
+            tokens.append(int(out.shape[-1]))
+        return out
+
+    return timed
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _fallback_calls(model) -> int:
+    from .patching import get_registry
+
+    registry = get_registry(model)
+    fast = None if registry is None else registry.state.get("t3_inference")
+    return 0 if fast is None else int(fast.calls.get("original", 0))
+
+
+# ---- peak memory ----------------------------------------------------------------------------
+STATM = Path("/proc/self/statm")
+
+
+def memory_method(device) -> str:
+    if torch.device(device).type == "cuda":
+        return "cuda max_memory_allocated"
+    return "RSS sampled every 5 ms" if STATM.exists() else "ru_maxrss delta"
+
+
+class PeakMemory:
+    """Context manager: `peak_mb` = peak memory during the block above the level at entry."""
+
+    def __init__(self, device, interval: float = 0.005):
+        self.device, self.interval = torch.device(device), interval
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif STATM.exists():
+            self._base = self._peak = _rss()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        else:
+            self._base = _maxrss()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._peak, _rss())
+        else:
+            peak = _maxrss()
+        self.peak_mb = max(0, peak - self._base) / 2**20
+        return False
+
+    def _poll(self):
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, _rss())
+
+
+def _rss() -> int:
+    return int(STATM.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+
+
+# ---- chart ----------------------------------------------------------------------------------
+STAGE_COLORS = {"conditioning": "#8c8c8c", "t3": "#d62728", "s3gen": "#1f77b4", "watermark": "#2ca02c"}
+
+
+def write_chart(results, path) -> Path:
+    """PNG: stacked stage times of original vs accelerated per utterance, and RTF beside it.
+    `results`: an `E2EBenchmark` or a list of `E2EResult`. Needs matplotlib (no pyplot, no
+    global backend change: the figure renders through Agg directly)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError("write_chart needs matplotlib: pip install matplotlib "
+                          "(or skip the chart: chatterbox-accel bench --no-chart)") from exc
+    bench = results if isinstance(results, E2EBenchmark) else E2EBenchmark(list(results))
+    if not bench.results:
+        raise ValueError("write_chart: no results to draw")
+    fig = Figure(figsize=(4 + 2.2 * len(bench.results), 4.8), layout="constrained")
+    times, rtf = fig.subplots(1, 2, width_ratios=(2, 1))
+    _draw_stages(times, bench.results)
+    _draw_rtf(rtf, bench.results)
+    fig.suptitle(f"chatterbox generate(), original vs accelerated ({bench.device or 'device ?'})")
+    path = Path(path)
+    fig.savefig(path, dpi=110, format="png")
+    return path
+
+
+def _draw_stages(ax, results):
+    width = 0.38
+    for i, r in enumerate(results):
+        for j, path in enumerate(PATHS):
+            m, bottom, x = r.medians(path), 0.0, i + (j - 0.5) * width
+            for stage in STAGE_NAMES:
+                ax.bar(x, m[stage], width * 0.95, bottom=bottom, color=STAGE_COLORS[stage],
+                       hatch="//" if path == "accelerated" else None, edgecolor="white",
+                       label=stage if (i, j) == (0, 0) else None)
+                bottom += m[stage]
+            ax.text(x, bottom, f"{m['total_s']:.1f}s", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(results)), [f"{r.label}: orig | accel\n{r.speedup():.2f}x faster" for r in results])
+    ax.set_ylabel("seconds per generate() (median)")
+    ax.set_title("stage times (hatched: accelerated)")
+    ax.legend(fontsize=8)
+
+
+def _draw_rtf(ax, results):
+    width = 0.38
+    for j, path in enumerate(PATHS):
+        xs = [i + (j - 0.5) * width for i in range(len(results))]
+        values = [r.medians(path)["rtf"] for r in results]
+        ax.bar(xs, values, width * 0.95, label=path, color="#7f7f7f" if path == "original" else "#d62728")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(results)), [r.label for r in results])
+    ax.set_ylabel("real-time factor (lower is faster; 1 = real time)")
+    ax.set_title("RTF")
+    ax.legend(fontsize=8)
+
+
+__all__ = ["bench_generate", "run_once", "lifted_patches", "E2EResult", "E2EBenchmark", "Run",
+           "PeakMemory", "write_chart", "text_for_seconds", "stop_after_for", "memory_method"]
