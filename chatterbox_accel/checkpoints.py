@@ -110,15 +110,15 @@ def synthetic_voice(seconds: float = 10.0, sr: int = 24000, seed: int = 0) -> to
     return (0.3 * wav / wav.abs().max()).float()
 
 
-def english_conds(s3gen, t3, seed: int = 0):
-    """Built-in voice conditionals (conds.pt): S3Gen reference from a synthetic 10 s voice,
-    a fixed speaker embedding and prompt tokens for T3."""
+def english_conds(s3gen, t3, seed: int = 0, voice_seconds: float = 10.0):
+    """Built-in voice conditionals (conds.pt): S3Gen reference from a synthetic voice (10 s,
+    as chatterbox's own prompt length), a fixed speaker embedding and prompt tokens for T3."""
     from chatterbox.models.t3.modules.cond_enc import T3Cond
     from chatterbox.tts import Conditionals
 
     g = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
-        gen = s3gen.embed_ref(synthetic_voice(seed=seed), 24000, device="cpu")
+        gen = s3gen.embed_ref(synthetic_voice(voice_seconds, seed=seed), 24000, device="cpu")
     speaker = torch.randn(1, t3.hp.speaker_embed_size, generator=g)
     t3_cond = T3Cond(
         speaker_emb=speaker / speaker.norm(),
@@ -136,15 +136,21 @@ def _save_safetensors(module, path: Path) -> None:
 
 
 def write_english_checkpoint(folder, seed: int = 0, overwrite: bool = False,
-                             stop_after: int | None = None) -> Path:
+                             stop_after: int | None = None, voice_seconds: float = 10.0) -> Path:
     """Write a full-size random English checkpoint into `folder`; return the folder.
-    `stop_after`: make T3 stop after about that many speech tokens (see _shape_speech_head)."""
+    `stop_after`: make T3 stop after about that many speech tokens (see _shape_speech_head).
+    `voice_seconds`: length of the built-in voice; S3Gen re-processes it on every call, so
+    short ones make fast tests (benchmarks keep chatterbox's 10 s)."""
     from chatterbox.models.s3gen import S3Gen
     from chatterbox.models.voice_encoder import VoiceEncoder
 
     folder = Path(folder)
-    if not overwrite and all((folder / f).exists() for f in ENGLISH_FILES):
-        return folder
+    meta = {"family": "english", "seed": seed, "random_weights": True, "stop_after": stop_after,
+            "voice_seconds": voice_seconds}
+    meta_file = folder / "chatterbox_accel.json"
+    if not overwrite and is_complete(folder):
+        if json.loads(meta_file.read_text()) == meta:
+            return folder  # already written with these settings
     folder.mkdir(parents=True, exist_ok=True)
     ve = _seeded(seed + 1, VoiceEncoder).eval()
     t3 = full_t3(seed, stop_after)
@@ -153,16 +159,21 @@ def write_english_checkpoint(folder, seed: int = 0, overwrite: bool = False,
     _save_safetensors(t3, folder / "t3_cfg.safetensors")
     _save_safetensors(s3gen, folder / "s3gen.safetensors")
     write_tokenizer(folder / "tokenizer.json")
-    english_conds(s3gen, t3, seed).save(folder / "conds.pt")
-    (folder / "chatterbox_accel.json").write_text(json.dumps(
-        {"family": "english", "seed": seed, "random_weights": True, "stop_after": stop_after}, indent=1))
+    english_conds(s3gen, t3, seed, voice_seconds).save(folder / "conds.pt")
+    meta_file.write_text(json.dumps(meta, indent=1))  # last: marks the folder complete
     logger.info("wrote random-weight English checkpoint to %s", folder)
     return folder
 
 
+def is_complete(folder) -> bool:
+    """True when `folder` holds a finished checkpoint (the metadata file is written last)."""
+    folder = Path(folder)
+    return all((folder / f).exists() for f in ENGLISH_FILES) and (folder / "chatterbox_accel.json").exists()
+
+
 def tiny_english_model(folder, device="cpu", seed: int = 0, layers: int = 2, stop_after: int | None = 12):
     """A ChatterboxTTS with a tiny T3 and the VE, S3Gen, tokenizer and voice of the full
-    checkpoint in `folder` (written there first if missing). Loads the parts the way
+    checkpoint in `folder` (any complete one; written with defaults if missing). Loads the parts the way
     `ChatterboxTTS.from_local` does, skipping its 2 GB T3."""
     from chatterbox.models.s3gen import S3Gen
     from chatterbox.models.tokenizers import EnTokenizer
@@ -170,7 +181,9 @@ def tiny_english_model(folder, device="cpu", seed: int = 0, layers: int = 2, sto
     from chatterbox.tts import ChatterboxTTS, Conditionals
     from safetensors.torch import load_file
 
-    folder = write_english_checkpoint(folder, seed=seed)
+    folder = Path(folder)
+    if not is_complete(folder):
+        write_english_checkpoint(folder, seed=seed)
     ve = VoiceEncoder()
     ve.load_state_dict(load_file(folder / "ve.safetensors"))
     s3gen = S3Gen()

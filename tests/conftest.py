@@ -18,7 +18,8 @@ def ckpt_dir(tmp_path_factory):
     from chatterbox_accel.checkpoints import write_english_checkpoint
 
     path = os.environ.get("CHATTERBOX_ACCEL_TEST_CKPT") or tmp_path_factory.mktemp("ckpt-english")
-    return write_english_checkpoint(path, stop_after=STOP_AFTER)
+    # A 3 s built-in voice: S3Gen re-processes it on every generate(), so tests stay quick.
+    return write_english_checkpoint(path, stop_after=STOP_AFTER, voice_seconds=3.0)
 
 
 @pytest.fixture

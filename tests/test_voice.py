@@ -11,7 +11,7 @@ from chatterbox_accel.checkpoints import synthetic_voice
 from chatterbox_accel.patching import get_registry
 
 
-def write_voice(path, seconds=8.0, sr=24000, seed=0, scale=1.0):
+def write_voice(path, seconds=3.0, sr=24000, seed=0, scale=1.0):
     wav = synthetic_voice(seconds=seconds, sr=sr, seed=seed).numpy() * scale
     sf.write(str(path), wav, sr)
     return path
@@ -74,10 +74,15 @@ def test_generate_reuses_the_cached_voice(tiny_model, tmp_path):
     assert (cache.misses, cache.hits) == (1, 1) and wav.shape[-1] > 0
 
 
+def write_file(path, content):
+    path.write_bytes(content)
+    return path
+
+
 @pytest.mark.parametrize("make,match", [
     (lambda p: p / "missing.wav", "does not exist"),
-    (lambda p: (p / "empty.wav").write_bytes(b"") or p / "empty.wav", "is empty"),
-    (lambda p: (p / "notes.wav").write_text("not audio at all") or p / "notes.wav", "could not read"),
+    (lambda p: write_file(p / "empty.wav", b""), "is empty"),
+    (lambda p: write_file(p / "notes.wav", b"not audio at all"), "could not read"),
     (lambda p: write_voice(p / "silent.wav", scale=0.0), "is silent"),
     (lambda p: write_voice(p / "short.wav", seconds=0.3), r"0.30 s long; use at least 1 s"),
     (lambda p: write_voice(p / "phone.wav", sr=8000), "sampled at 8000 Hz"),

@@ -1,0 +1,496 @@
+"""`chatterbox-accel`: speak, benchmark, check and make checkpoints from the command line.
+
+    chatterbox-accel say "Hello there." -o hello.wav [--voice ref.wav] [--checkpoint DIR] [--no-accel]
+    chatterbox-accel bench [--lengths 1,3] [--repeats 3] [--chart bench.png] [--json-only]
+    chatterbox-accel check [--checkpoint DIR] [--option check_steps=16]
+    chatterbox-accel make-checkpoint DIR [--stop-after 75] [--seed 0]
+
+Models load from the Hugging Face hub (chatterbox's own `from_pretrained` files) unless
+`--checkpoint DIR` names a local folder in the official layout. Only the English model is
+accelerated so far; other families are refused with a clear message, never faked.
+
+Exit codes: 0 ok; 1 the output check failed (check, bench); 2 bad arguments, missing files or
+an unsupported model; 3 the Hugging Face hub is unreachable (pass --checkpoint DIR instead).
+Progress goes to stderr; stdout carries results only (bench: the table, then ONE JSON line last).
+Arguments are validated before torch is imported, so mistakes fail in well under a second.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_HUB = 0, 1, 2, 3
+HUB_REPO = "ResembleAI/chatterbox"  # chatterbox.tts.REPO_ID in chatterbox-tts 0.1.7 (a test pins it)
+FAMILIES = ("english", "multilingual", "turbo")
+DEFAULT_CHART = "chatterbox_accel_bench.png"
+HUB_HINT = ("pass --checkpoint DIR with a local copy of the weights, or write random weights "
+            "(for speed tests) with `chatterbox-accel make-checkpoint DIR`")
+
+
+class CliError(Exception):
+    """A user-facing error: one line on stderr, then exit with `code` (no traceback)."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage error (2) or --help (0)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.run(args)
+    except CliError as exc:
+        print(f"chatterbox-accel {args.command}: error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("chatterbox-accel: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---- argument types ---------------------------------------------------------------------------
+def _option(text: str):
+    """`KEY=VALUE` -> (key, value); values are JSON where they parse (16, 1e-3, [..]), else strings."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r} (e.g. --option check_steps=16)")
+    raw = raw.strip()
+    if raw.lower() in ("true", "false"):
+        return key.strip(), raw.lower() == "true"
+    if raw.lower() in ("none", "null"):
+        return key.strip(), None
+    try:
+        return key.strip(), json.loads(raw)
+    except ValueError:
+        return key.strip(), raw
+
+
+def _lengths(text: str) -> list:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seconds like 1,3, got {text!r}") from None
+    if not values or any(not (0 < v <= 40) for v in values):
+        raise argparse.ArgumentTypeError(f"lengths must be seconds in (0, 40] (1000 tokens max), got {text!r}")
+    return values
+
+
+def _number(minimum: float, strict: bool, kind=float):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        return value
+    return parse
+
+
+# ---- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatterbox-accel", description="Speak, benchmark, check and make checkpoints for accelerated "
+        "Chatterbox TTS. Exit codes: 0 ok, 1 output check failed, 2 bad arguments or files, 3 hub unreachable.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the accelerator does (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    say = sub.add_parser("say", help="speak TEXT into a WAV file")
+    say.add_argument("text", metavar="TEXT")
+    say.add_argument("-o", "--output", required=True, help="audio file to write (.wav, .flac, ...)")
+    say.add_argument("--voice", help="reference audio of the voice to clone (default: the built-in voice)")
+    say.add_argument("--model", choices=FAMILIES, default="english")
+    say.add_argument("--language", help="language id; only with --model multilingual")
+    say.add_argument("--no-accel", action="store_true", help="run chatterbox's original code")
+    say.add_argument("--exaggeration", type=_number(0, False), default=0.5)
+    say.add_argument("--cfg-weight", type=_number(0, False), default=0.5)
+    say.add_argument("--temperature", type=_number(0, True), default=0.8)
+    say.add_argument("--seed", type=_number(0, False, int), help="torch seed, for repeatable sampling")
+    _add_model_args(say)
+    say.set_defaults(run=cmd_say)
+
+    bench = sub.add_parser("bench", help="end-to-end generate(): original vs accelerated, side by side")
+    bench.add_argument("--lengths", type=_lengths, default=[1.0, 3.0], help="seconds of audio, e.g. 1,3")
+    bench.add_argument("--repeats", type=_number(1, False, int), default=3)
+    bench.add_argument("--warmup", type=_number(0, False, int), default=1, help="unrecorded runs per path")
+    bench.add_argument("--voice", help="reference audio: times voice conditioning too")
+    bench.add_argument("--chart", help=f"PNG chart to write (default: ./{DEFAULT_CHART})")
+    bench.add_argument("--no-chart", action="store_true", help="write no chart")
+    bench.add_argument("--json-only", action="store_true", help="print only the JSON line on stdout")
+    _add_model_args(bench)
+    bench.set_defaults(run=cmd_bench)
+
+    check = sub.add_parser("check", help="accelerate a model and print the report (exit 1 if the check fails)")
+    _add_model_args(check)
+    check.set_defaults(run=cmd_check)
+
+    make = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the official layout")
+    make.add_argument("dir", metavar="DIR")
+    make.add_argument("--family", choices=FAMILIES, default="english")
+    make.add_argument("--seed", type=_number(0, False, int), default=0)
+    make.add_argument("--stop-after", type=_number(1, False, int), default=75,
+                      help="T3 stops after about N speech tokens (25 = 1 s of audio; default 75)")
+    make.add_argument("--small", action="store_true", help="a small T3 (refused: from_local cannot load it)")
+    make.add_argument("--overwrite", action="store_true", help="rewrite a checkpoint chatterbox-accel wrote")
+    make.set_defaults(run=cmd_make_checkpoint)
+    return parser
+
+
+def _add_model_args(p):
+    p.add_argument("--checkpoint", metavar="DIR", help="local checkpoint folder (default: the hub)")
+    p.add_argument("--device", choices=("cpu", "cuda", "mps"), help="default: cuda, else mps, else cpu")
+    p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="accelerate() option, repeatable (e.g. --option check_steps=16)")
+
+
+# ---- commands ---------------------------------------------------------------------------------
+def cmd_say(args) -> int:
+    if not args.text.strip():
+        raise CliError("TEXT is empty; pass the words to speak")
+    _check_family(args.model, args.language)
+    out = _output_file(args.output)
+    voice = _input_file(args.voice, "--voice") if args.voice else None
+    if args.no_accel and args.option:
+        raise CliError("--option has no effect with --no-accel; drop one of them")
+    options = _options(args.option)
+    device = _device(args.device)
+    model = _load_english(args.checkpoint, device)
+    if not args.no_accel:
+        _accelerate(model, options)
+    import torch
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    _progress(f"generating speech for {len(args.text)} characters")
+    start = time.perf_counter()
+    wav = model.generate(args.text, audio_prompt_path=voice, exaggeration=args.exaggeration,
+                         cfg_weight=args.cfg_weight, temperature=args.temperature)
+    _write_audio(out, wav, model.sr)
+    _progress(f"wrote {out} ({wav.shape[-1] / model.sr:.2f} s of audio at {model.sr} Hz) "
+              f"in {time.perf_counter() - start:.1f} s")
+    return EXIT_OK
+
+
+def cmd_bench(args) -> int:
+    from . import e2e
+
+    options = _options(args.option)
+    voice = _input_file(args.voice, "--voice") if args.voice else None
+    chart = _chart_path(args)
+    device = _device(args.device)
+    results = []
+    for folder, lengths in _bench_plan(args.checkpoint, args.lengths):
+        model = _load_english(str(folder), device)
+        for seconds in lengths:
+            results.append(_bench_one(model, seconds, voice, options, args))
+        del model
+    bench = e2e.E2EBenchmark(results, device=device, options=options, memory=e2e.memory_method(device))
+    if not args.json_only:
+        print(bench.table(), flush=True)
+    if chart is not None:
+        e2e.write_chart(bench, chart)
+        _progress(f"chart written to {chart.resolve()}")
+    from .benchmark import json_line
+
+    print(json_line(bench.summary()), flush=True)
+    return EXIT_OK
+
+
+def cmd_check(args) -> int:
+    options = _options(args.option)
+    if options.get("check") is False or options.get("t3") is False:
+        raise CliError("check runs the output check of the T3 fast path; drop --option check=false / t3=false")
+    device = _device(args.device)
+    model = _load_english(args.checkpoint, device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a failed check: the report says it
+        report = _accelerate(model, options, show=False)
+    print(report, flush=True)
+    return EXIT_OK if report.check is not None and report.check.passed else EXIT_CHECK_FAILED
+
+
+def cmd_make_checkpoint(args) -> int:
+    if args.family != "english":
+        raise CliError(f"--family {args.family} is not supported yet: chatterbox_accel accelerates (and writes "
+                       "random checkpoints for) the English model only; use --family english")
+    if args.small:
+        raise CliError("--small is refused: chatterbox's ChatterboxTTS.from_local always builds the full-size "
+                       "T3 (520M Llama), so a small checkpoint would not load; omit --small (or, in Python, "
+                       "use chatterbox_accel.checkpoints.tiny_english_model for a 2-layer T3)")
+    folder = Path(args.dir).expanduser()
+    if _existing_checkpoint(folder, args) and not args.overwrite:
+        print(f"{folder} already holds this checkpoint (seed={args.seed}, stop_after={args.stop_after}); "
+              "left as is", flush=True)
+        return EXIT_OK
+    from .checkpoints import write_english_checkpoint
+
+    _progress(f"writing a random-weight English checkpoint to {folder} (about 3.2 GB; takes a minute)")
+    write_english_checkpoint(folder, seed=args.seed, overwrite=True, stop_after=args.stop_after)
+    print(f"wrote a random-weight English checkpoint to {folder} (seed={args.seed}, "
+          f"stop_after={args.stop_after}); use it with --checkpoint {folder}", flush=True)
+    return EXIT_OK
+
+
+# ---- helpers: validation ----------------------------------------------------------------------
+def _check_family(model: str, language: str | None):
+    if model != "english":
+        upstream = "ChatterboxMultilingualTTS" if model == "multilingual" else "ChatterboxTurboTTS"
+        raise CliError(f"--model {model} is not supported by chatterbox-accel yet (only english is accelerated); "
+                       f"use chatterbox's own {upstream} directly, unaccelerated")
+    if language is not None:
+        raise CliError("--language applies only to --model multilingual (which is not supported yet); "
+                       "drop --language for the English model")
+
+
+def _options(pairs) -> dict:
+    from .config import AccelConfig
+
+    options = dict(pairs)
+    try:
+        AccelConfig.from_options(options)  # bad options fail before seconds of loading
+    except ValueError as exc:
+        raise CliError(f"--option: {exc}") from None
+    return options
+
+
+def _input_file(path: str, flag: str) -> str:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CliError(f"{flag} file {p} does not exist; pass the path to a WAV/FLAC/MP3 recording")
+    return str(p)
+
+
+def _output_file(path: str) -> Path:
+    import soundfile
+
+    out = Path(path).expanduser()
+    if not out.parent.is_dir():
+        raise CliError(f"output folder {out.parent} does not exist; create it or choose another -o path")
+    if out.suffix.lstrip(".").upper() not in soundfile.available_formats():
+        raise CliError(f"cannot write audio as {out.suffix or 'a file without extension'!r}: "
+                       f"end -o with .wav or .flac ({out})")
+    return out
+
+
+def _chart_path(args) -> Path | None:
+    if args.no_chart:
+        return None
+    chart = Path(args.chart or DEFAULT_CHART).expanduser()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        if args.chart:
+            raise CliError("--chart needs matplotlib: pip install matplotlib (or pass --no-chart)") from None
+        _progress("matplotlib is not installed: no chart (pip install matplotlib to get one)")
+        return None
+    if not chart.parent.is_dir():
+        raise CliError(f"chart folder {chart.parent} does not exist; create it or choose another --chart path")
+    return chart
+
+
+def _device(requested: str | None) -> str:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda, but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                       "use --device cpu or install a CUDA build of torch")
+    if requested == "mps" and not mps:
+        raise CliError("--device mps, but torch.backends.mps.is_available() is False; use --device cpu")
+    return requested
+
+
+def _checkpoint_folder(path: str) -> Path:
+    from .checkpoints import ENGLISH_FILES
+
+    folder = Path(path).expanduser()
+    make = f"write random weights there with: chatterbox-accel make-checkpoint {folder}"
+    if not folder.is_dir():
+        raise CliError(f"checkpoint folder {folder} does not exist; pass a folder holding "
+                       f"{', '.join(ENGLISH_FILES)}, or {make}")
+    missing = [name for name in ENGLISH_FILES if not (folder / name).is_file()]
+    if missing:
+        raise CliError(f"checkpoint folder {folder} lacks {', '.join(missing)}; copy the official files "
+                       f"there (huggingface.co/{HUB_REPO}), or {make}")
+    return folder
+
+
+def _checkpoint_meta(folder: Path) -> dict:
+    """What make-checkpoint recorded (chatterbox_accel.json); {} for a checkpoint it did not write."""
+    try:
+        return json.loads((folder / "chatterbox_accel.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _existing_checkpoint(folder: Path, args) -> bool:
+    """True when `folder` already holds the checkpoint asked for; raise when it holds another one."""
+    from .checkpoints import ENGLISH_FILES
+
+    present = [name for name in ENGLISH_FILES if (folder / name).exists()]
+    if not present:
+        return False
+    meta = _checkpoint_meta(folder)
+    if not meta.get("random_weights"):
+        raise CliError(f"{folder} holds checkpoint files ({', '.join(present)}) that chatterbox-accel did not "
+                       "write (official weights?); refusing to overwrite them: choose an empty folder")
+    same = meta.get("seed") == args.seed and meta.get("stop_after") == args.stop_after
+    if len(present) == len(ENGLISH_FILES) and same:
+        return True
+    if not args.overwrite:
+        raise CliError(f"{folder} holds a random checkpoint with seed={meta.get('seed')}, "
+                       f"stop_after={meta.get('stop_after')} ({len(present)}/{len(ENGLISH_FILES)} files); "
+                       "pass --overwrite to rewrite it, or choose another folder")
+    return False
+
+
+# ---- helpers: loading and running ---------------------------------------------------------------
+def _load_english(checkpoint: str | None, device: str):
+    folder = _checkpoint_folder(checkpoint) if checkpoint else _download_english()
+    from chatterbox.tts import ChatterboxTTS
+
+    meta = _checkpoint_meta(folder)
+    kind = " (random weights: the audio is noise-like)" if meta.get("random_weights") else ""
+    _progress(f"loading the English model from {folder} on {device}{kind}")
+    start = time.perf_counter()
+    model = ChatterboxTTS.from_local(folder, device)
+    _progress(f"loaded in {time.perf_counter() - start:.1f} s")
+    return model
+
+
+def _download_english() -> Path:
+    """The official files, from the local hub cache or the hub (as ChatterboxTTS.from_pretrained)."""
+    from huggingface_hub import hf_hub_download
+
+    from .checkpoints import ENGLISH_FILES
+
+    _progress(f"fetching {HUB_REPO} from the Hugging Face hub (or its local cache)")
+    try:
+        paths = [hf_hub_download(repo_id=HUB_REPO, filename=name) for name in ENGLISH_FILES]
+    except _hub_errors() as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CliError(f"cannot get {HUB_REPO} from the Hugging Face hub ({type(exc).__name__}: {reason}); "
+                       f"{HUB_HINT}", EXIT_HUB) from None
+    return Path(paths[-1]).parent
+
+
+def _hub_errors() -> tuple:
+    """What hf_hub_download raises when the hub is unreachable, offline, or refuses the request."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors = [OSError, ConnectionError, TimeoutError, HfHubHTTPError]  # OSError: LocalEntryNotFoundError
+    for module, name in (("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            errors.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _accelerate(model, options: dict, show: bool = True):
+    from .api import accelerate
+
+    _progress("accelerating (patch + output check)")
+    try:
+        report = accelerate(model, **options)
+    except ValueError as exc:  # e.g. dtype=bfloat16 on a CPU: known only once the device is
+        raise CliError(f"--option: {exc}") from None
+    if show:
+        _progress(str(report))
+    return report
+
+
+def _bench_plan(checkpoint: str | None, lengths: list) -> list:
+    """[(folder, [seconds, ...])]: one random checkpoint per length (stop_after is baked into
+    it), or every length on the given checkpoint (its text sets a trained model's length)."""
+    from .e2e import stop_after_for
+
+    if checkpoint:
+        folder = _checkpoint_folder(checkpoint)
+        meta = _checkpoint_meta(folder)
+        if meta.get("random_weights") and meta.get("stop_after") is None:
+            raise CliError(f"{folder} has random weights and no stop_after: its T3 never stops and every run would "
+                           f"decode 1000 tokens; write one with: chatterbox-accel make-checkpoint DIR --stop-after 25")
+        if meta.get("stop_after"):
+            _progress(f"note: {folder} stops after ~{meta['stop_after']} tokens "
+                      f"(~{meta['stop_after'] / 25:g} s of audio) whatever the --lengths; they only set the text")
+        return [(folder, lengths)]
+    from .checkpoints import write_english_checkpoint
+
+    plan = []
+    for seconds in lengths:
+        stop = stop_after_for(seconds)
+        folder = _cache_dir() / f"english-stop{stop}"
+        if not _checkpoint_meta(folder).get("stop_after") == stop:
+            _progress(f"writing a random-weight checkpoint for {seconds:g} s (stop_after={stop}) to {folder} "
+                      "(about 3.2 GB, once; reused next time)")
+        write_english_checkpoint(folder, stop_after=stop)  # a no-op when all files are there
+        plan.append((folder, [seconds]))
+    return plan
+
+
+def _bench_one(model, seconds: float, voice, options: dict, args):
+    from .api import OutputCheckError
+    from .e2e import bench_generate, text_for_seconds
+
+    bar = _progress_bar(2 * (args.repeats + args.warmup), f"bench {seconds:g} s")
+    try:
+        return bench_generate(model, text_for_seconds(seconds), voice=voice, repeats=args.repeats,
+                              warmup=args.warmup, options=options, label=f"{seconds:g} s", target_s=seconds,
+                              progress=bar)
+    except OutputCheckError as exc:
+        raise CliError(f"output check failed, nothing to benchmark: {exc}", EXIT_CHECK_FAILED) from None
+    finally:
+        bar.close()
+
+
+class _progress_bar:
+    """tqdm on stderr, one tick per generate() (TQDM_DISABLE=1 turns it off)."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="run", file=sys.stderr)
+        self.started = False
+
+    def __call__(self, message: str):
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_postfix_str(message)
+
+    def close(self):
+        if self.started:
+            self.bar.update(1)
+        self.bar.close()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CHATTERBOX_ACCEL_CACHE") or "~/.cache/chatterbox_accel").expanduser()
+
+
+def _write_audio(path: Path, wav, sr: int) -> None:
+    import soundfile
+
+    soundfile.write(str(path), wav.squeeze(0).detach().cpu().float().numpy(), sr)
+
+
+def _progress(message: str) -> None:
+    print(f"chatterbox-accel: {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
