@@ -23,7 +23,7 @@ Contract
   noise hits both alike, and results are medians. Each run is seeded (`seed + run index`).
 - Random-weight T3s never stop on their own: benchmark checkpoints written with
   `write_english_checkpoint(folder, stop_after=N)`, which stop after ~N tokens (25 = 1 s).
-- Library code: never prints; `progress(message)` is an optional callback for UIs.
+- Library code: never prints; `progress(message)`, if given, is called after each run.
 """
 from __future__ import annotations
 
@@ -141,20 +141,22 @@ class E2EBenchmark:
         lines = [f"End-to-end ChatterboxTTS.generate(), {self.device}: {hardware()}",
                  f"torch {v['torch']}, transformers {v['transformers']}, chatterbox-tts {v['chatterbox-tts']}; "
                  f"accelerated: {', '.join(first.applied) or '-'}",
-                 f"{first.check or 'output check not run'}",
+                 first.check or "output check not run",
                  f"median of {len(first.original)} run(s) per path after {first.warmup} warm-up; "
                  f"seconds; peak memory ({self.memory}) above the level before the call",
-                 f"{'length':>8s}  {'path':11s} {'cond':>6s} {'T3':>7s} {'S3Gen':>7s} {'wmark':>6s} "
-                 f"{'total':>7s} {'audio':>6s} {'RTF':>6s} {'tokens':>6s} {'peak MB':>8s} {'speedup':>7s}"]
+                 ROW.format("length", "path", "cond", "T3", "S3Gen", "wmark", "total", "audio", "RTF",
+                            "tokens", "peak MB", "speedup")]
         for r in self.results:
             for path in PATHS:
                 m = r.medians(path)
-                speed = f"{r.speedup():6.2f}x" if path == "accelerated" else f"{'':7s}"
-                lines.append(f"{r.label if path == 'original' else '':>8s}  {path:11s} {m['conditioning']:6.2f} "
-                             f"{m['t3']:7.2f} {m['s3gen']:7.2f} {m['watermark']:6.2f} {m['total_s']:7.2f} "
-                             f"{m['audio_s']:6.2f} {m['rtf']:6.2f} {m['speech_tokens']:6.0f} "
-                             f"{m['peak_mem_mb']:8.0f} {speed}")
+                cells = [f"{m[k]:.2f}" for k in (*STAGE_NAMES, "total_s", "audio_s", "rtf")]
+                speed = f"{r.speedup():.2f}x" if path == "accelerated" else ""
+                lines.append(ROW.format(r.label if path == "original" else "", path, *cells,
+                                        f"{m['speech_tokens']:.0f}", f"{m['peak_mem_mb']:.0f}", speed))
         return "\n".join(lines)
+
+
+ROW = "{:>8s}  {:11s} {:>6s} {:>7s} {:>7s} {:>6s} {:>7s} {:>6s} {:>6s} {:>6s} {:>8s} {:>7s}"
 
 
 # ---- the benchmark --------------------------------------------------------------------------
@@ -172,17 +174,19 @@ def bench_generate(model, text: str, *, voice=None, repeats: int = 3, warmup: in
     if not report.ok:
         raise OutputCheckError(f"{report.check}; the model was restored, so there is no accelerated "
                                "path to benchmark")
-    result = E2EResult(label=label, text=text, voice=None if voice is None else str(voice), target_s=target_s,
-                       warmup=warmup, check=str(report.check or "output check not run"), applied=list(report.applied))
+    result = E2EResult(label=label, text=text, voice=None if voice is None else str(voice),
+                       target_s=target_s, warmup=warmup, applied=list(report.applied),
+                       check=str(report.check or "output check not run"))
     try:
         for i in range(warmup + repeats):
             for path in PATHS:
                 what = "warm-up" if i < warmup else f"run {i - warmup + 1}/{repeats}"
-                if progress is not None:
-                    progress(f"{label} {path} {what}".strip())
                 torch.manual_seed(seed + i)
                 run = run_once(model, text, voice, original=(path == "original"), **generate_kwargs)
-                logger.info("%s %s %s: %.2f s total, %.2f s audio", label, path, what, run.total_s, run.audio_s)
+                done = f"{label} {path} {what}: {run.total_s:.1f} s for {run.audio_s:.2f} s of audio".strip()
+                logger.info("%s", done)
+                if progress is not None:
+                    progress(done)
                 if i >= warmup:
                     getattr(result, path).append(run)
         result.t3_fallback_calls = _fallback_calls(model)
