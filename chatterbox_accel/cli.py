@@ -91,7 +91,8 @@ def _number(minimum: float, strict: bool, kind=float):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         if value < minimum or (strict and value == minimum):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text}")
         return value
@@ -105,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Chatterbox TTS. Exit codes: 0 ok, 1 output check failed, 2 bad arguments or files, 3 hub unreachable.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the accelerator does (INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_say, _add_bench, _add_check, _add_make_checkpoint):
+        add(sub)
+    return parser
 
+
+def _add_say(sub):
     say = sub.add_parser("say", help="speak TEXT into a WAV file")
     say.add_argument("text", metavar="TEXT")
     say.add_argument("-o", "--output", required=True, help="audio file to write (.wav, .flac, ...)")
@@ -117,41 +123,50 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--cfg-weight", type=_number(0, False), default=0.5)
     say.add_argument("--temperature", type=_number(0, True), default=0.8)
     say.add_argument("--seed", type=_number(0, False, int), help="torch seed, for repeatable sampling")
-    _add_model_args(say)
-    say.set_defaults(run=cmd_say)
+    _add_model_args(say, cmd_say)
 
+
+def _add_bench(sub):
     bench = sub.add_parser("bench", help="end-to-end generate(): original vs accelerated, side by side")
-    bench.add_argument("--lengths", type=_lengths, default=[1.0, 3.0], help="seconds of audio, e.g. 1,3")
-    bench.add_argument("--repeats", type=_number(1, False, int), default=3)
-    bench.add_argument("--warmup", type=_number(0, False, int), default=1, help="unrecorded runs per path")
+    bench.add_argument("--lengths", type=_lengths, default=[1.0, 3.0],
+                       help="seconds of audio, e.g. 1,3 (default)")
+    bench.add_argument("--repeats", type=_number(1, False, int), default=3, help="timed runs per path (3)")
+    bench.add_argument("--warmup", type=_number(0, False, int), default=1, help="unrecorded runs per path (1)")
     bench.add_argument("--voice", help="reference audio: times voice conditioning too")
-    bench.add_argument("--chart", help=f"PNG chart to write (default: ./{DEFAULT_CHART})")
-    bench.add_argument("--no-chart", action="store_true", help="write no chart")
+    chart = bench.add_mutually_exclusive_group()
+    chart.add_argument("--chart", help=f"PNG chart to write (default: ./{DEFAULT_CHART})")
+    chart.add_argument("--no-chart", action="store_true", help="write no chart")
     bench.add_argument("--json-only", action="store_true", help="print only the JSON line on stdout")
-    _add_model_args(bench)
-    bench.set_defaults(run=cmd_bench)
+    _add_model_args(bench, cmd_bench, "checkpoint to time (default: random-weight ones, one per length, "
+                    "written once to $CHATTERBOX_ACCEL_CACHE or ~/.cache/chatterbox_accel)")
 
+
+def _add_check(sub):
     check = sub.add_parser("check", help="accelerate a model and print the report (exit 1 if the check fails)")
-    _add_model_args(check)
-    check.set_defaults(run=cmd_check)
+    _add_model_args(check, cmd_check)
 
+
+def _add_make_checkpoint(sub):
     make = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the official layout")
     make.add_argument("dir", metavar="DIR")
     make.add_argument("--family", choices=FAMILIES, default="english")
     make.add_argument("--seed", type=_number(0, False, int), default=0)
     make.add_argument("--stop-after", type=_number(1, False, int), default=75,
                       help="T3 stops after about N speech tokens (25 = 1 s of audio; default 75)")
+    make.add_argument("--voice-seconds", type=_number(1, False), default=10.0,
+                      help="length of the built-in voice (10, as chatterbox's; S3Gen re-reads it every call)")
     make.add_argument("--small", action="store_true", help="a small T3 (refused: from_local cannot load it)")
     make.add_argument("--overwrite", action="store_true", help="rewrite a checkpoint chatterbox-accel wrote")
     make.set_defaults(run=cmd_make_checkpoint)
-    return parser
 
 
-def _add_model_args(p):
-    p.add_argument("--checkpoint", metavar="DIR", help="local checkpoint folder (default: the hub)")
+def _add_model_args(p, run, checkpoint_help="local checkpoint folder (default: the official weights "
+                                             "from the Hugging Face hub)"):
+    p.add_argument("--checkpoint", metavar="DIR", help=checkpoint_help)
     p.add_argument("--device", choices=("cpu", "cuda", "mps"), help="default: cuda, else mps, else cpu")
     p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="accelerate() option, repeatable (e.g. --option check_steps=16)")
+    p.set_defaults(run=run)
 
 
 # ---- commands ---------------------------------------------------------------------------------
@@ -229,16 +244,17 @@ def cmd_make_checkpoint(args) -> int:
                        "T3 (520M Llama), so a small checkpoint would not load; omit --small (or, in Python, "
                        "use chatterbox_accel.checkpoints.tiny_english_model for a 2-layer T3)")
     folder = Path(args.dir).expanduser()
-    if _existing_checkpoint(folder, args) and not args.overwrite:
-        print(f"{folder} already holds this checkpoint (seed={args.seed}, stop_after={args.stop_after}); "
-              "left as is", flush=True)
+    settings = dict(seed=args.seed, stop_after=args.stop_after, voice_seconds=args.voice_seconds)
+    described = ", ".join(f"{k}={v}" for k, v in settings.items())
+    if _existing_checkpoint(folder, settings, args.overwrite) and not args.overwrite:
+        print(f"{folder} already holds this checkpoint ({described}); left as is", flush=True)
         return EXIT_OK
     from .checkpoints import write_english_checkpoint
 
     _progress(f"writing a random-weight English checkpoint to {folder} (about 3.2 GB; takes a minute)")
-    write_english_checkpoint(folder, seed=args.seed, overwrite=True, stop_after=args.stop_after)
-    print(f"wrote a random-weight English checkpoint to {folder} (seed={args.seed}, "
-          f"stop_after={args.stop_after}); use it with --checkpoint {folder}", flush=True)
+    write_english_checkpoint(folder, overwrite=True, **settings)
+    print(f"wrote a random-weight English checkpoint to {folder} ({described}); "
+          f"use it with --checkpoint {folder}", flush=True)
     return EXIT_OK
 
 
@@ -246,8 +262,8 @@ def cmd_make_checkpoint(args) -> int:
 def _check_family(model: str, language: str | None):
     if model != "english":
         upstream = "ChatterboxMultilingualTTS" if model == "multilingual" else "ChatterboxTurboTTS"
-        raise CliError(f"--model {model} is not supported by chatterbox-accel yet (only english is accelerated); "
-                       f"use chatterbox's own {upstream} directly, unaccelerated")
+        raise CliError(f"--model {model} is not supported by chatterbox-accel yet (only english is "
+                       f"accelerated); use chatterbox's own {upstream} directly, unaccelerated")
     if language is not None:
         raise CliError("--language applies only to --model multilingual (which is not supported yet); "
                        "drop --language for the English model")
@@ -302,7 +318,7 @@ def _chart_path(args) -> Path | None:
 def _device(requested: str | None) -> str:
     import torch
 
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    mps = torch.backends.mps.is_available()
     if requested is None:
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
@@ -336,7 +352,7 @@ def _checkpoint_meta(folder: Path) -> dict:
         return {}
 
 
-def _existing_checkpoint(folder: Path, args) -> bool:
+def _existing_checkpoint(folder: Path, settings: dict, overwrite: bool) -> bool:
     """True when `folder` already holds the checkpoint asked for; raise when it holds another one."""
     from .checkpoints import ENGLISH_FILES
 
@@ -347,13 +363,14 @@ def _existing_checkpoint(folder: Path, args) -> bool:
     if not meta.get("random_weights"):
         raise CliError(f"{folder} holds checkpoint files ({', '.join(present)}) that chatterbox-accel did not "
                        "write (official weights?); refusing to overwrite them: choose an empty folder")
-    same = meta.get("seed") == args.seed and meta.get("stop_after") == args.stop_after
-    if len(present) == len(ENGLISH_FILES) and same:
+    held = {**meta, "voice_seconds": meta.get("voice_seconds", 10.0)}  # older ones: always 10 s
+    held = {key: held.get(key) for key in settings}
+    if len(present) == len(ENGLISH_FILES) and held == settings:
         return True
-    if not args.overwrite:
-        raise CliError(f"{folder} holds a random checkpoint with seed={meta.get('seed')}, "
-                       f"stop_after={meta.get('stop_after')} ({len(present)}/{len(ENGLISH_FILES)} files); "
-                       "pass --overwrite to rewrite it, or choose another folder")
+    if not overwrite:
+        described = ", ".join(f"{k}={v}" for k, v in held.items())
+        raise CliError(f"{folder} holds a random checkpoint with {described} ({len(present)}/"
+                       f"{len(ENGLISH_FILES)} files); pass --overwrite to rewrite it, or choose another folder")
     return False
 
 
@@ -374,30 +391,18 @@ def _load_english(checkpoint: str | None, device: str):
 def _download_english() -> Path:
     """The official files, from the local hub cache or the hub (as ChatterboxTTS.from_pretrained)."""
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
 
     from .checkpoints import ENGLISH_FILES
 
     _progress(f"fetching {HUB_REPO} from the Hugging Face hub (or its local cache)")
     try:
         paths = [hf_hub_download(repo_id=HUB_REPO, filename=name) for name in ENGLISH_FILES]
-    except _hub_errors() as exc:
+    except (OSError, HfHubHTTPError) as exc:  # offline / unreachable: LocalEntryNotFoundError (an OSError)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CliError(f"cannot get {HUB_REPO} from the Hugging Face hub ({type(exc).__name__}: {reason}); "
                        f"{HUB_HINT}", EXIT_HUB) from None
     return Path(paths[-1]).parent
-
-
-def _hub_errors() -> tuple:
-    """What hf_hub_download raises when the hub is unreachable, offline, or refuses the request."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    errors = [OSError, ConnectionError, TimeoutError, HfHubHTTPError]  # OSError: LocalEntryNotFoundError
-    for module, name in (("httpx", "HTTPError"), ("requests", "RequestException")):
-        try:
-            errors.append(getattr(__import__(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
 
 
 def _accelerate(model, options: dict, show: bool = True):
@@ -421,61 +426,48 @@ def _bench_plan(checkpoint: str | None, lengths: list) -> list:
     if checkpoint:
         folder = _checkpoint_folder(checkpoint)
         meta = _checkpoint_meta(folder)
-        if meta.get("random_weights") and meta.get("stop_after") is None:
-            raise CliError(f"{folder} has random weights and no stop_after: its T3 never stops and every run would "
-                           f"decode 1000 tokens; write one with: chatterbox-accel make-checkpoint DIR --stop-after 25")
-        if meta.get("stop_after"):
-            _progress(f"note: {folder} stops after ~{meta['stop_after']} tokens "
-                      f"(~{meta['stop_after'] / 25:g} s of audio) whatever the --lengths; they only set the text")
+        stop = meta.get("stop_after")
+        if meta.get("random_weights") and stop is None:
+            raise CliError(f"{folder} has random weights and no stop_after: its T3 never stops, every run "
+                           "would decode 1000 tokens; write one with: chatterbox-accel make-checkpoint DIR "
+                           "--stop-after 25")
+        if stop:
+            _progress(f"note: {folder} stops after ~{stop} tokens (~{stop / 25:g} s of audio) whatever "
+                      "the --lengths; they only set the text")
         return [(folder, lengths)]
-    from .checkpoints import write_english_checkpoint
+    from .checkpoints import is_complete, write_english_checkpoint
 
     plan = []
     for seconds in lengths:
         stop = stop_after_for(seconds)
         folder = _cache_dir() / f"english-stop{stop}"
-        if not _checkpoint_meta(folder).get("stop_after") == stop:
+        if not is_complete(folder):
             _progress(f"writing a random-weight checkpoint for {seconds:g} s (stop_after={stop}) to {folder} "
                       "(about 3.2 GB, once; reused next time)")
-        write_english_checkpoint(folder, stop_after=stop)  # a no-op when all files are there
+        write_english_checkpoint(folder, stop_after=stop)  # a no-op when written with these settings
         plan.append((folder, [seconds]))
     return plan
 
 
 def _bench_one(model, seconds: float, voice, options: dict, args):
+    from tqdm import tqdm
+
     from .api import OutputCheckError
     from .e2e import bench_generate, text_for_seconds
 
-    bar = _progress_bar(2 * (args.repeats + args.warmup), f"bench {seconds:g} s")
-    try:
-        return bench_generate(model, text_for_seconds(seconds), voice=voice, repeats=args.repeats,
-                              warmup=args.warmup, options=options, label=f"{seconds:g} s", target_s=seconds,
-                              progress=bar)
-    except OutputCheckError as exc:
-        raise CliError(f"output check failed, nothing to benchmark: {exc}", EXIT_CHECK_FAILED) from None
-    finally:
-        bar.close()
+    # One tick per finished generate(); TQDM_DISABLE=1 turns the bar off.
+    with tqdm(total=2 * (args.repeats + args.warmup), desc=f"bench {seconds:g} s", unit="run",
+              file=sys.stderr) as bar:
+        def tick(message):
+            bar.set_postfix_str(message)
+            bar.update(1)
 
-
-class _progress_bar:
-    """tqdm on stderr, one tick per generate() (TQDM_DISABLE=1 turns it off)."""
-
-    def __init__(self, total: int, desc: str):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, unit="run", file=sys.stderr)
-        self.started = False
-
-    def __call__(self, message: str):
-        if self.started:
-            self.bar.update(1)
-        self.started = True
-        self.bar.set_postfix_str(message)
-
-    def close(self):
-        if self.started:
-            self.bar.update(1)
-        self.bar.close()
+        try:
+            return bench_generate(model, text_for_seconds(seconds), voice=voice, repeats=args.repeats,
+                                  warmup=args.warmup, options=options, label=f"{seconds:g} s",
+                                  target_s=seconds, progress=tick)
+        except OutputCheckError as exc:
+            raise CliError(f"output check failed, nothing to benchmark: {exc}", EXIT_CHECK_FAILED) from None
 
 
 def _cache_dir() -> Path:

@@ -4,10 +4,10 @@ Contract
 - `bench_generate(model, text, ...)` -> `E2EResult`: per-stage medians of
   `model.generate(text, audio_prompt_path=voice)` on the original and on the accelerated path.
 - One model, one set of weights. `accelerate(model, **options)` runs ONCE, with its output
-  check, before anything is timed. An "original" run lifts every instance-level patch (each
-  `wrapt.FunctionWrapper` that accelerate() stored in an instance `__dict__` of the model or of
-  its modules) for the duration of that call, so chatterbox's own class methods run: the code
-  `restore(model)` gives back, without throwing away the accelerated path's caches (which a
+  check, before anything is timed. An "original" run suspends every patch in the model's
+  registry (`PatchRegistry.suspended`) for the duration of that call, so chatterbox's own
+  methods run: the code `restore(model)` gives back, without throwing away the accelerated
+  path's caches (which a
   restore/accelerate toggle per run would rebuild, re-compile and re-capture). The patches are
   put back in a `finally`. The model is left restored (original code) when the benchmark ends.
 - Stages, each timed by a temporary instance attribute removed in a `finally`:
@@ -16,9 +16,11 @@ Contract
   t3 = `model.t3.inference`, s3gen = `model.s3gen.inference`,
   watermark = `model.watermarker.apply_watermark`. total = wall time of `generate()`;
   audio = output samples / model.sr; RTF = total / audio (below 1: faster than real time).
-- Peak memory, above the level before the call: CUDA `torch.cuda.max_memory_allocated`; CPU the
-  resident set size sampled every 5 ms from /proc/self/statm (ru_maxrss, a lifetime
-  high-water mark, cannot tell two alternating paths apart; it is the fallback off Linux).
+- Peak memory of the process during the call, and its growth over the level before the call:
+  CUDA `torch.cuda.max_memory_allocated`; CPU the resident set size sampled every 5 ms from
+  /proc/self/statm (ru_maxrss, a lifetime high-water mark, is only the fallback off Linux).
+  Both paths live in one process: the accelerated path's static KV cache stays allocated while
+  the original runs, and after warm-up freed memory is reused, so growth is often ~0.
 - Warm-up runs of both paths are not recorded; then the paths alternate run by run so machine
   noise hits both alike, and results are medians. Each run is seeded (`seed + run index`).
 - Random-weight T3s never stop on their own: benchmark checkpoints written with
@@ -76,7 +78,9 @@ class Run:
     total_s: float      # wall time of generate()
     audio_s: float      # output samples / model.sr
     speech_tokens: int  # tokens T3 returned (EOS included)
-    peak_mem_mb: float  # peak memory above the level before the call
+    peak_mem_mb: float  # peak memory of the process during the call (see PeakMemory)
+    mem_growth_mb: float = 0.0  # that peak minus the level before the call
+    patched: list = field(default_factory=list)  # stages that ran accelerator-patched code
 
     @property
     def rtf(self) -> float:
@@ -101,7 +105,7 @@ class E2EResult:
     def medians(self, path: str) -> dict:
         runs = getattr(self, path)
         out = {name: statistics.median(r.stages.get(name, 0.0) for r in runs) for name in STAGE_NAMES}
-        for key in ("total_s", "audio_s", "rtf", "peak_mem_mb", "speech_tokens"):
+        for key in ("total_s", "audio_s", "rtf", "peak_mem_mb", "mem_growth_mb", "speech_tokens"):
             out[key] = statistics.median(getattr(r, key) for r in runs)
         return out
 
@@ -110,8 +114,9 @@ class E2EResult:
 
     def summary(self) -> dict:
         rounded = {p: {k: round(float(v), 4) for k, v in self.medians(p).items()} for p in PATHS}
+        patched = {p: getattr(self, p)[0].patched if getattr(self, p) else [] for p in PATHS}
         return {"label": self.label, "target_s": self.target_s, "text_chars": len(self.text),
-                "voice": self.voice, "runs": len(self.original), **rounded,
+                "voice": self.voice, "runs": len(self.original), **rounded, "patched_stages": patched,
                 "speedup": round(self.speedup(), 3), "t3_fallback_calls": self.t3_fallback_calls}
 
 
@@ -143,7 +148,7 @@ class E2EBenchmark:
                  f"accelerated: {', '.join(first.applied) or '-'}",
                  first.check or "output check not run",
                  f"median of {len(first.original)} run(s) per path after {first.warmup} warm-up; "
-                 f"seconds; peak memory ({self.memory}) above the level before the call",
+                 f"seconds; peak memory of the process during the call ({self.memory})",
                  ROW.format("length", "path", "cond", "T3", "S3Gen", "wmark", "total", "audio", "RTF",
                             "tokens", "peak MB", "speedup")]
         for r in self.results:
@@ -202,51 +207,38 @@ def run_once(model, text: str, voice=None, *, original: bool, **generate_kwargs)
     """One timed `generate()`; `original=True` lifts the accelerator's patches for the call."""
     device = model.t3.device
     stages: dict = {name: 0.0 for name in STAGE_NAMES}
-    tokens: list = []
+    tokens, patched = [], []
     lifted = lifted_patches(model) if original else contextlib.nullcontext()
-    with lifted, _timed_stages(model, stages, tokens, device), PeakMemory(device) as memory:
+    with lifted, _timed_stages(model, stages, tokens, patched, device), PeakMemory(device) as memory:
         start = time.perf_counter()
         wav = model.generate(text, audio_prompt_path=voice, **generate_kwargs)
         _sync(device)
         total = time.perf_counter() - start
     return Run(stages=stages, total_s=total, audio_s=wav.shape[-1] / model.sr,
-               speech_tokens=sum(tokens), peak_mem_mb=memory.peak_mb)
+               speech_tokens=sum(tokens), peak_mem_mb=memory.peak_mb, mem_growth_mb=memory.growth_mb,
+               patched=patched)
 
 
 @contextlib.contextmanager
 def lifted_patches(model):
-    """Take every instance-level wrapt patch off the model and its modules; put them back after."""
-    import wrapt
+    """The original chatterbox code inside the block; the accelerator's patches (and their
+    caches) come back on exit. Yields how many patches were lifted."""
+    from .patching import get_registry
 
-    lifted = []
-    try:
-        for obj in _patchable_objects(model):
-            for attr, value in list(vars(obj).items()):
-                if isinstance(value, wrapt.FunctionWrapper):
-                    lifted.append((obj, attr, value))
-                    del obj.__dict__[attr]
-        yield len(lifted)
-    finally:
-        for obj, attr, value in lifted:
-            obj.__dict__[attr] = value
-
-
-def _patchable_objects(model):
-    seen = set()
-    parts = [model, getattr(model, "watermarker", None), getattr(model, "tokenizer", None)]
-    for name in ("t3", "s3gen", "ve"):
-        module = getattr(model, name, None)
-        if isinstance(module, torch.nn.Module):
-            parts.extend(module.modules())
-    for obj in parts:
-        if obj is not None and id(obj) not in seen and hasattr(obj, "__dict__"):
-            seen.add(id(obj))
-            yield obj
+    registry = get_registry(model)
+    if registry is None:
+        yield 0
+        return
+    with registry.suspended() as count:
+        yield count
 
 
 @contextlib.contextmanager
-def _timed_stages(model, stages: dict, tokens: list, device):
-    """Wrap each stage's method (whatever `getattr` finds now) in a timer, on the instance."""
+def _timed_stages(model, stages: dict, tokens: list, patched: list, device):
+    """Wrap each stage's method (whatever `getattr` finds now) in a timer, on the instance;
+    list in `patched` the stages whose method is an accelerator patch."""
+    import wrapt
+
     installed = []
     try:
         for stage, part, attr in STAGES:
@@ -254,6 +246,8 @@ def _timed_stages(model, stages: dict, tokens: list, device):
             method = getattr(obj, attr, None)
             if method is None or not callable(method):
                 continue
+            if isinstance(method, wrapt.FunctionWrapper):
+                patched.append(stage)
             installed.append((obj, attr, obj.__dict__.get(attr, _MISSING)))
             obj.__dict__[attr] = _timer(method, stage, stages, tokens if stage == "t3" else None, device)
         yield
@@ -301,15 +295,16 @@ STATM = Path("/proc/self/statm")
 def memory_method(device) -> str:
     if torch.device(device).type == "cuda":
         return "cuda max_memory_allocated"
-    return "RSS sampled every 5 ms" if STATM.exists() else "ru_maxrss delta"
+    return "RSS sampled every 5 ms" if STATM.exists() else "ru_maxrss, lifetime high-water mark"
 
 
 class PeakMemory:
-    """Context manager: `peak_mb` = peak memory during the block above the level at entry."""
+    """Context manager: `peak_mb`, the process's peak memory during the block (CUDA: allocated
+    tensors; CPU: resident set), and `growth_mb`, that peak minus the level at entry."""
 
     def __init__(self, device, interval: float = 0.005):
         self.device, self.interval = torch.device(device), interval
-        self.peak_mb = 0.0
+        self.peak_mb = self.growth_mb = 0.0
         self._stop = threading.Event()
         self._thread = None
 
@@ -335,7 +330,7 @@ class PeakMemory:
             peak = max(self._peak, _rss())
         else:
             peak = _maxrss()
-        self.peak_mb = max(0, peak - self._base) / 2**20
+        self.peak_mb, self.growth_mb = peak / 2**20, max(0, peak - self._base) / 2**20
         return False
 
     def _poll(self):

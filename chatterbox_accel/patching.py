@@ -7,6 +7,7 @@ attribute when there was none), newest patch first.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -49,15 +50,32 @@ class PatchRegistry:
         # an instance attribute shadows the class's method for this object only.
         obj.__dict__[attr] = value
 
+    @contextlib.contextmanager
+    def suspended(self):
+        """Run the original code inside the block, keeping the patches' state (caches,
+        compiled steps) for when they are put back on exit. Yields the number of patches."""
+        current = [patch.obj.__dict__.get(patch.attr, _MISSING) for patch in self._patches]
+        for patch in reversed(self._patches):
+            _put(patch.obj, patch.attr, patch.previous)
+        try:
+            yield len(self._patches)
+        finally:
+            for patch, value in zip(self._patches, current):
+                _put(patch.obj, patch.attr, value)
+
     def revert(self) -> None:
         """Undo every patch, newest first. Safe to call twice."""
         while self._patches:
             patch = self._patches.pop()
-            if patch.previous is _MISSING:
-                patch.obj.__dict__.pop(patch.attr, None)
-            else:
-                patch.obj.__dict__[patch.attr] = patch.previous
+            _put(patch.obj, patch.attr, patch.previous)
         self.state.clear()
+
+
+def _put(obj, attr, value) -> None:
+    if value is _MISSING:
+        obj.__dict__.pop(attr, None)
+    else:
+        obj.__dict__[attr] = value
 
 
 def get_registry(model, create: bool = False) -> PatchRegistry | None:

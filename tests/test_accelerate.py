@@ -136,3 +136,14 @@ def test_generate_end_to_end_matches_original_length(tiny_model):
     fast = tiny_model.generate("Hello there, this is a test.")
     assert fast.shape == original.shape and fast.dtype == original.dtype
     assert torch.isfinite(fast).all()
+
+
+def test_suspended_runs_the_original_and_keeps_the_patches(tiny_t3):
+    from chatterbox_accel.patching import get_registry
+
+    model = holder(tiny_t3)
+    accelerate(model, check=False)
+    patched = tiny_t3.__dict__["inference"]
+    with get_registry(model).suspended() as count:
+        assert count == 1 and "inference" not in tiny_t3.__dict__
+    assert tiny_t3.__dict__["inference"] is patched

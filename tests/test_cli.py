@@ -45,6 +45,8 @@ def test_bench_prints_table_then_one_json_line_and_writes_the_chart(tmp_path, ck
     assert "output check passed" in summary["check"] and "t3.static_kv_cache" in summary["applied"]
     (result,) = summary["results"]
     assert result["target_s"] == 0.5 and result["runs"] == 1 and result["t3_fallback_calls"] == 0
+    # The original path ran chatterbox's own code; the accelerated one the patched T3.
+    assert result["patched_stages"]["original"] == [] and "t3" in result["patched_stages"]["accelerated"]
     for path in ("original", "accelerated"):
         m = result[path]
         stages = m["conditioning"] + m["t3"] + m["s3gen"] + m["watermark"]
@@ -52,6 +54,7 @@ def test_bench_prints_table_then_one_json_line_and_writes_the_chart(tmp_path, ck
         assert stages <= m["total_s"] * 1.001, m
         assert m["audio_s"] > 0 and m["rtf"] == pytest.approx(m["total_s"] / m["audio_s"], rel=1e-2)
         assert abs(m["speech_tokens"] - STOP_AFTER) <= 3, m  # the checkpoint's stop_after held
+        assert m["peak_mem_mb"] > 2000 and m["mem_growth_mb"] >= 0, m  # 3 GB of weights are resident
     assert result["speedup"] == pytest.approx(result["original"]["total_s"] / result["accelerated"]["total_s"],
                                               rel=1e-2)
     chart = tmp_path / "chatterbox_accel_bench.png"  # the default: in the working directory
@@ -103,17 +106,21 @@ def test_make_checkpoint_writes_what_it_is_asked(monkeypatch, tmp_path, capsys):
     from chatterbox_accel.cli import main
 
     calls = []
-    monkeypatch.setattr(checkpoints, "write_english_checkpoint", lambda folder, **kw: calls.append((folder, kw)))
+    monkeypatch.setattr(checkpoints, "write_english_checkpoint",
+                        lambda folder, **kw: calls.append((folder, kw)))
     assert main(["make-checkpoint", str(tmp_path / "new"), "--seed", "3", "--stop-after", "30"]) == 0
-    assert calls == [(tmp_path / "new", dict(seed=3, overwrite=True, stop_after=30))]
+    assert calls == [(tmp_path / "new", dict(seed=3, overwrite=True, stop_after=30, voice_seconds=10.0))]
     assert "--checkpoint" in capsys.readouterr().out
 
 
 def test_make_checkpoint_keeps_an_identical_checkpoint_and_refuses_a_different_one(tmp_path, ckpt_dir):
-    same = cli(tmp_path, "make-checkpoint", ckpt_dir, "--stop-after", STOP_AFTER)
+    voice = json.loads((ckpt_dir / "chatterbox_accel.json").read_text())["voice_seconds"]
+    same = cli(tmp_path, "make-checkpoint", ckpt_dir, "--stop-after", STOP_AFTER, "--voice-seconds", voice)
     assert same.returncode == 0 and "already holds" in same.stdout, failed(same)
-    other = cli(tmp_path, "make-checkpoint", ckpt_dir, "--stop-after", STOP_AFTER + 1)
-    assert other.returncode == 2 and "--overwrite" in other.stderr, failed(other)
+    for args in (["--stop-after", STOP_AFTER + 1, "--voice-seconds", voice],
+                 ["--stop-after", STOP_AFTER, "--voice-seconds", voice + 1]):
+        other = cli(tmp_path, "make-checkpoint", ckpt_dir, *args)
+        assert other.returncode == 2 and "--overwrite" in other.stderr, failed(other)
 
 
 def test_make_checkpoint_never_overwrites_files_it_did_not_write(tmp_path):
@@ -128,7 +135,7 @@ def test_make_checkpoint_never_overwrites_files_it_did_not_write(tmp_path):
 @pytest.mark.parametrize("args,match", [
     ([], "required: COMMAND"),
     (["say", "hi"], "required: -o/--output"),
-    (["say", "hi", "-o", "x.wav", "--model", "turbo"], "--model turbo is not supported by chatterbox-accel yet"),
+    (["say", "hi", "-o", "x.wav", "--model", "turbo"], "--model turbo is not supported by chatterbox-accel"),
     (["say", "hi", "-o", "x.wav", "--model", "multilingual", "--language", "fr"],
      "--model multilingual is not supported"),
     (["say", "hi", "-o", "x.wav", "--language", "fr"], "--language applies only to --model multilingual"),
@@ -196,8 +203,9 @@ def fake_result(label, original_total, accelerated_total):
         stages = {"conditioning": 0.0, "t3": t3, "s3gen": total - t3 - 0.1, "watermark": 0.1}
         return Run(stages=stages, total_s=total, audio_s=2.0, speech_tokens=50, peak_mem_mb=10.0)
 
-    return E2EResult(label=label, text="Hi.", original=[run(original_total, 3), run(original_total + 2, 5)],
-                     accelerated=[run(accelerated_total, 1), run(accelerated_total, 1)], check="output check passed")
+    return E2EResult(label=label, text="Hi.", check="output check passed",
+                     original=[run(original_total, 3), run(original_total + 2, 5)],
+                     accelerated=[run(accelerated_total, 1), run(accelerated_total, 1)])
 
 
 def test_results_report_medians_rtf_and_speedup(tmp_path):
@@ -208,7 +216,8 @@ def test_results_report_medians_rtf_and_speedup(tmp_path):
     assert first.medians("original")["total_s"] == 7.0 and first.medians("original")["t3"] == 4.0
     assert first.medians("accelerated")["rtf"] == 1.0 and first.speedup() == 3.5
     summary = json.loads(json.dumps(bench.summary()))
-    assert [r["label"] for r in summary["results"]] == ["1 s", "3 s"] and summary["results"][1]["speedup"] == 3.25
+    assert [r["label"] for r in summary["results"]] == ["1 s", "3 s"]
+    assert summary["results"][1]["speedup"] == 3.25  # 13 s / 4 s: medians of (12, 14) and (4, 4)
     assert "hardware" in summary and "torch" in summary
     table = bench.table()
     assert "3.50x" in table and table.count("accelerated") >= 2
