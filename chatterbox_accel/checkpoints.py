@@ -20,6 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENGLISH_FILES = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt")
+HUB_REPO = "ResembleAI/chatterbox"  # chatterbox.tts.REPO_ID in chatterbox-tts 0.1.7 (a test pins it)
 TINY_LLAMA = "chatterbox_accel_tiny"
 SPECIAL_TOKENS = {"[STOP]": 0, "[UNK]": 1, "[SPACE]": 2, "[PAD]": 3, "[SEP]": 4, "[CLS]": 5,
                   "[MASK]": 6, "[START]": 255}
@@ -163,6 +164,15 @@ def write_english_checkpoint(folder, seed: int = 0, overwrite: bool = False,
     meta_file.write_text(json.dumps(meta, indent=1))  # last: marks the folder complete
     logger.info("wrote random-weight English checkpoint to %s", folder)
     return folder
+
+
+def download_english() -> Path:
+    """The official English files, from the Hugging Face hub or its local cache, fetched as
+    `ChatterboxTTS.from_pretrained` fetches them; returns their folder."""
+    from huggingface_hub import hf_hub_download
+
+    paths = [hf_hub_download(repo_id=HUB_REPO, filename=name) for name in ENGLISH_FILES]
+    return Path(paths[-1]).parent
 
 
 def is_complete(folder) -> bool:

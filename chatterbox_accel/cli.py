@@ -26,7 +26,6 @@ import warnings
 from pathlib import Path
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_HUB = 0, 1, 2, 3
-HUB_REPO = "ResembleAI/chatterbox"  # chatterbox.tts.REPO_ID in chatterbox-tts 0.1.7 (a test pins it)
 FAMILIES = ("english", "multilingual", "turbo")
 DEFAULT_CHART = "chatterbox_accel_bench.png"
 HUB_HINT = ("pass --checkpoint DIR with a local copy of the weights, or write random weights "
@@ -330,7 +329,7 @@ def _device(requested: str | None) -> str:
 
 
 def _checkpoint_folder(path: str) -> Path:
-    from .checkpoints import ENGLISH_FILES
+    from .checkpoints import ENGLISH_FILES, HUB_REPO
 
     folder = Path(path).expanduser()
     make = f"write random weights there with: chatterbox-accel make-checkpoint {folder}"
@@ -390,19 +389,17 @@ def _load_english(checkpoint: str | None, device: str):
 
 def _download_english() -> Path:
     """The official files, from the local hub cache or the hub (as ChatterboxTTS.from_pretrained)."""
-    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .checkpoints import ENGLISH_FILES
+    from .checkpoints import HUB_REPO, download_english
 
     _progress(f"fetching {HUB_REPO} from the Hugging Face hub (or its local cache)")
     try:
-        paths = [hf_hub_download(repo_id=HUB_REPO, filename=name) for name in ENGLISH_FILES]
+        return download_english()
     except (OSError, HfHubHTTPError) as exc:  # offline / unreachable: LocalEntryNotFoundError (an OSError)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CliError(f"cannot get {HUB_REPO} from the Hugging Face hub ({type(exc).__name__}: {reason}); "
                        f"{HUB_HINT}", EXIT_HUB) from None
-    return Path(paths[-1]).parent
 
 
 def _accelerate(model, options: dict, show: bool = True):

@@ -5,14 +5,11 @@ Same constructor, same `generate()`; `from_pretrained` / `from_local` take an ex
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from chatterbox.tts import REPO_ID, ChatterboxTTS
+from chatterbox.tts import ChatterboxTTS
 
 from .api import accelerate, restore
+from .checkpoints import download_english
 from .config import AccelConfig
-
-ENGLISH_FILES = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt")
 
 
 class OptimizedChatterboxTTS(ChatterboxTTS):
@@ -28,13 +25,8 @@ class OptimizedChatterboxTTS(ChatterboxTTS):
     @classmethod
     def from_pretrained(cls, device, optimizations: dict | None = None) -> "OptimizedChatterboxTTS":
         """Download (or reuse the cached) official weights from the Hugging Face hub, as upstream does."""
-        from huggingface_hub import hf_hub_download
-
         AccelConfig.from_options(optimizations)
-        local_path = None
-        for fname in ENGLISH_FILES:
-            local_path = hf_hub_download(repo_id=REPO_ID, filename=fname)
-        return cls.from_local(Path(local_path).parent, device, optimizations=optimizations)
+        return cls.from_local(download_english(), device, optimizations=optimizations)
 
     def accelerate(self, **options):
         """(Re-)apply the optimizations with new options; returns the report."""

@@ -189,8 +189,7 @@ def test_chart_without_matplotlib_is_a_clear_error_before_any_work(tmp_path):
 def test_hub_repo_matches_chatterbox():
     from chatterbox.tts import REPO_ID
 
-    from chatterbox_accel.cli import HUB_REPO
-    from chatterbox_accel.checkpoints import ENGLISH_FILES
+    from chatterbox_accel.checkpoints import ENGLISH_FILES, HUB_REPO
 
     assert HUB_REPO == REPO_ID and len(ENGLISH_FILES) == 5
 

@@ -2,7 +2,6 @@
 import shutil
 
 import pytest
-import torch
 
 from chatterbox_accel import accelerate, restore
 from conftest import fresh, holder, probe

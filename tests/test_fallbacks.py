@@ -1,5 +1,4 @@
 """Every optimization falls back when it fails: injected failures at warm-up and at run time."""
-import pytest
 import torch
 
 import chatterbox_accel.t3.graphs as graphs

@@ -1,7 +1,6 @@
 """The voice-conditioning cache, voice profiles and reference-audio validation."""
 import shutil
 
-import numpy as np
 import pytest
 import soundfile as sf
 import torch
