@@ -147,3 +147,16 @@ def test_suspended_runs_the_original_and_keeps_the_patches(tiny_t3):
     with get_registry(model).suspended() as count:
         assert count == 1 and "inference" not in tiny_t3.__dict__
     assert tiny_t3.__dict__["inference"] is patched
+
+
+def test_too_long_text_or_output_gets_a_clear_error(tiny_t3):
+    model = holder(tiny_t3)
+    accelerate(model, check=False)
+    t3_cond, _, _ = probe(tiny_t3)
+    text = torch.randint(1, 700, (2, 2100))
+    text[:, 0], text[:, -1] = 255, 0
+    with pytest.raises(ValueError, match=r"text is 2098 tokens long.*split it into sentences"):
+        tiny_t3.inference(t3_cond=fresh(t3_cond), text_tokens=text, max_new_tokens=4)
+    _, short, _ = probe(tiny_t3)
+    with pytest.raises(ValueError, match=r"max_new_tokens=5000 is outside 1..4096"):
+        tiny_t3.inference(t3_cond=fresh(t3_cond), text_tokens=short, max_new_tokens=5000)

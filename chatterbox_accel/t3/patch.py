@@ -38,6 +38,18 @@ def unsupported_reason(t3, args, opts) -> str | None:
     return None
 
 
+def check_lengths(hp, text_tokens, max_new_tokens) -> None:
+    """T3's learned position tables end at max_text_tokens + 2 text and max_speech_tokens + 4
+    speech positions; past them the original fails with an IndexError inside an embedding."""
+    n_text = int(torch.atleast_2d(text_tokens).shape[-1])
+    if n_text > hp.max_text_tokens + 2:
+        raise ValueError(f"the text is {n_text - 2} tokens long; chatterbox's T3 reads at most "
+                         f"{hp.max_text_tokens}: split it into sentences and generate them one by one")
+    if not 1 <= int(max_new_tokens) <= hp.max_speech_tokens:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is outside 1..{hp.max_speech_tokens} "
+                         f"(T3's speech position table); generate long audio in several calls")
+
+
 class FastInference:
     """wrapt wrapper for `T3.inference`."""
 
@@ -70,6 +82,7 @@ class FastInference:
         runner = self.runner
         cfg_weight = float(opts["cfg_weight"])
         max_new = opts["max_new_tokens"] or runner.hp.max_speech_tokens
+        check_lengths(runner.hp, opts["text_tokens"], max_new)
         with torch.inference_mode():
             params = SamplingParams.make(
                 runner.t3.device, cfg_weight=cfg_weight, temperature=opts["temperature"],
