@@ -152,7 +152,7 @@ def _build_runner(t3, cfg: AccelConfig, report: AccelReport) -> T3Runner:
     attention = _select_attention(cfg, device_type, dtype, report)
     eos_every = cfg.eos_check_every if cfg.eos_check_every is not None else (
         1 if device_type == "cpu" else 16)  # a CPU "sync" is free; a wasted CPU step is not
-    if cfg.wants_compile(device_type) and "t3" in cfg.compile_targets:
+    if cfg.compiles_t3(device_type):
         bucket = None  # one static shape for torch.compile
     elif cfg.wants_cuda_graphs(device_type):
         bucket = cfg.kv_bucket  # one captured graph per bucket
@@ -178,7 +178,7 @@ def _select_attention(cfg, device_type, dtype, report):
 
 def _install_steps(runner: T3Runner, t3, cfg: AccelConfig, report: AccelReport):
     device_type = t3.device.type
-    compile_step = cfg.wants_compile(device_type) and "t3" in cfg.compile_targets
+    compile_step = cfg.compiles_t3(device_type)
     graphs = cfg.wants_cuda_graphs(device_type)
     if cfg.cuda_graphs and not graphs:
         report.fallbacks["t3.cuda_graphs"] = f"CUDA graphs need a CUDA device, model is on {device_type}"

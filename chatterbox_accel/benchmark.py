@@ -98,10 +98,10 @@ def bench_t3(t3, *, tokens=40, repeats=3, warmup=1, options=None) -> T3BenchResu
     try:
         for i in range(warmup + repeats):
             for name, run in paths.items():
-                _sync(t3)
+                sync(t3.device)
                 start = time.perf_counter()
                 out = run()
-                _sync(t3)
+                sync(t3.device)
                 if i >= warmup:
                     getattr(result, f"{name}_s").append(time.perf_counter() - start)
                     getattr(result, f"{name}_tokens").append(out.shape[-1])
@@ -116,9 +116,13 @@ def _fresh(t3_cond):
     return dataclasses.replace(t3_cond, cond_prompt_speech_emb=None)
 
 
-def _sync(t3):
-    if t3.device.type == "cuda":
-        torch.cuda.synchronize()
+def sync(device) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def json_line(summary: dict) -> str:

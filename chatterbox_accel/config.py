@@ -99,6 +99,9 @@ class AccelConfig:
     def wants_compile(self, device_type: str) -> bool:
         return self.compile if self.compile is not None else device_type == "cuda"
 
+    def compiles_t3(self, device_type: str) -> bool:
+        return self.wants_compile(device_type) and "t3" in self.compile_targets
+
     def wants_cuda_graphs(self, device_type: str) -> bool:
         wanted = self.cuda_graphs if self.cuda_graphs is not None else device_type == "cuda"
         return wanted and device_type == "cuda"

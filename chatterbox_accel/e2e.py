@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from .benchmark import hardware, sync, versions
+
 logger = logging.getLogger(__name__)
 
 TOKENS_PER_SECOND = 25  # S3 speech tokens per second of audio
@@ -51,7 +53,6 @@ PATHS = ("original", "accelerated")
 STAGES = (("conditioning", None, "prepare_conditionals"), ("t3", "t3", "inference"),
           ("s3gen", "s3gen", "inference"), ("watermark", "watermarker", "apply_watermark"))
 STAGE_NAMES = tuple(s[0] for s in STAGES)
-_MISSING = object()
 PASSAGE = ("The quick brown fox jumps over the lazy dog while morning light spreads across the quiet "
            "valley. Somewhere far away a train whistles as it carries travellers home through fields "
            "of gold and green, and the river keeps singing its old song to anyone who will listen.")
@@ -130,7 +131,6 @@ class E2EBenchmark:
     memory: str = ""              # how peak memory was measured
 
     def summary(self) -> dict:
-        from .benchmark import hardware, versions
 
         first = self.results[0] if self.results else E2EResult("", "")
         return {"benchmark": "e2e_generate", "model": "english", "device": self.device,
@@ -139,7 +139,6 @@ class E2EBenchmark:
                 "results": [r.summary() for r in self.results]}
 
     def table(self) -> str:
-        from .benchmark import hardware, versions
 
         v = versions()
         first = self.results[0] if self.results else E2EResult("", "")
@@ -212,7 +211,7 @@ def run_once(model, text: str, voice=None, *, original: bool, **generate_kwargs)
     with lifted, _timed_stages(model, stages, tokens, patched, device), PeakMemory(device) as memory:
         start = time.perf_counter()
         wav = model.generate(text, audio_prompt_path=voice, **generate_kwargs)
-        _sync(device)
+        sync(device)
         total = time.perf_counter() - start
     return Run(stages=stages, total_s=total, audio_s=wav.shape[-1] / model.sr,
                speech_tokens=sum(tokens), peak_mem_mb=memory.peak_mb, mem_growth_mb=memory.growth_mb,
@@ -237,47 +236,35 @@ def lifted_patches(model):
 def _timed_stages(model, stages: dict, tokens: list, patched: list, device):
     """Wrap each stage's method (whatever `getattr` finds now) in a timer, on the instance;
     list in `patched` the stages whose method is an accelerator patch."""
-    import wrapt
+    from .patching import PatchRegistry, is_patched
 
-    installed = []
+    timers = PatchRegistry()  # a private registry: reverted on exit, the model's own is untouched
     try:
         for stage, part, attr in STAGES:
             obj = model if part is None else getattr(model, part, None)
             method = getattr(obj, attr, None)
             if method is None or not callable(method):
                 continue
-            if isinstance(method, wrapt.FunctionWrapper):
+            if is_patched(method):
                 patched.append(stage)
-            installed.append((obj, attr, obj.__dict__.get(attr, _MISSING)))
-            obj.__dict__[attr] = _timer(method, stage, stages, tokens if stage == "t3" else None, device)
+            timers.set_attr(obj, attr, _timer(method, stage, stages, tokens if stage == "t3" else None, device))
         yield
     finally:
-        for obj, attr, previous in reversed(installed):
-            if previous is _MISSING:
-                obj.__dict__.pop(attr, None)
-            else:
-                obj.__dict__[attr] = previous
+        timers.revert()
 
 
 def _timer(method, stage, stages, tokens, device):
     def timed(*args, **kwargs):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         out = method(*args, **kwargs)
-        _sync(device)
+        sync(device)
         stages[stage] += time.perf_counter() - start
         if tokens is not None and torch.is_tensor(out):
             tokens.append(int(out.shape[-1]))
         return out
 
     return timed
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def _fallback_calls(model) -> int:
