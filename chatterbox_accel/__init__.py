@@ -10,7 +10,8 @@ from .config import AccelConfig
 
 __version__ = "0.1.0"
 __all__ = ["accelerate", "restore", "is_accelerated", "AccelConfig", "AccelReport",
-           "OutputCheckError", "OptimizedChatterboxTTS", "save_voice", "load_voice"]
+           "OutputCheckError", "OptimizedChatterboxTTS", "save_voice", "load_voice", "generate_stream",
+           "StreamMetrics"]
 
 
 def __getattr__(name):
@@ -21,6 +22,9 @@ def __getattr__(name):
     if name in ("save_voice", "load_voice"):
         from . import voice
         return getattr(voice, name)
+    if name in ("generate_stream", "StreamMetrics"):
+        from . import stream
+        return getattr(stream, name)
     if name == "OptimizedChatterboxTTS":
         from .drop_in import OptimizedChatterboxTTS
         return OptimizedChatterboxTTS

@@ -10,6 +10,7 @@ from chatterbox.tts import ChatterboxTTS
 from .api import accelerate, restore
 from .checkpoints import download_english
 from .config import AccelConfig
+from .stream import generate_stream
 
 
 class OptimizedChatterboxTTS(ChatterboxTTS):
@@ -32,6 +33,10 @@ class OptimizedChatterboxTTS(ChatterboxTTS):
         """(Re-)apply the optimizations with new options; returns the report."""
         self.accel_report = accelerate(self, **options)
         return self.accel_report
+
+    def generate_stream(self, text, **options):
+        """Yield `(audio_chunk, metrics)` while decoding; see `chatterbox_accel.generate_stream`."""
+        return generate_stream(self, text, **options)
 
     def restore(self):
         """Back to the original chatterbox code paths."""

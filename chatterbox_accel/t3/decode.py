@@ -60,6 +60,7 @@ class T3Runner:
         self.cache: StaticKVCache | None = None
         self._state: DecodeState | None = None  # reused across calls: stable addresses for graphs
         self._params: SamplingParams | None = None
+        self._owner = None  # the decode that owns the cache now (see token_blocks)
         self.step = self.decode_one_token  # graphs.py may replace it with a compiled/captured step
 
     # ---- prompt -------------------------------------------------------------------------------
@@ -149,26 +150,49 @@ class T3Runner:
             return cache.max_len
         return min(_round_up(position + 1, self.kv_bucket), cache.max_len)
 
-    @torch.inference_mode()
     def generate(self, embeds, params: SamplingParams, max_new_tokens: int) -> torch.Tensor:
         """Sample up to `max_new_tokens` ids; returns (1, N), ending at the first EOS if any."""
-        B, P, _ = embeds.shape
-        cache = self.get_cache(B, P + max_new_tokens)
-        state = self.new_state(P, embeds.device)
-        params = self.static_params(params)
-        tokens = torch.empty(max_new_tokens, dtype=torch.long, device=embeds.device)
-        first = sample_next(self.prefill(embeds, cache), state.presence, params)
-        state.token.copy_(first)
-        state.done.copy_(first == self.hp.stop_speech_token)
-        tokens[0:1].copy_(first)
-        n = 1
-        while n < max_new_tokens:
-            if n % self.eos_check_every == 0 and bool(state.done):
-                break
-            kv_len = self.kv_len_for(P + n - 1, cache)
-            tokens[n : n + 1].copy_(self.step(state, params, cache, kv_len))
+        return torch.cat([ids for ids, _ in self.token_blocks(embeds, params, max_new_tokens)])[None]
+
+    def token_blocks(self, embeds, params: SamplingParams, max_new_tokens: int,
+                     first_block: int | None = None, block: int | None = None):
+        """Decode, yielding `(new ids (1-D), finished)` every `block` tokens (`first_block` for
+        the first yield); without sizes, one yield at the end. The ids end at the first EOS, if any.
+
+        A generator holds the runner's static cache between yields: a second decode on the same
+        runner while one is paused (another `generate()`, an interleaved stream) takes the cache
+        over, and the paused one raises instead of continuing on a foreign cache.
+        """
+        owner = self._owner = object()
+        with torch.inference_mode():
+            B, P, _ = embeds.shape
+            cache = self.get_cache(B, P + max_new_tokens)
+            state = self.new_state(P, embeds.device)
+            params = self.static_params(params)
+            tokens = torch.empty(max_new_tokens, dtype=torch.long, device=embeds.device)
+            first = sample_next(self.prefill(embeds, cache), state.presence, params)
+            state.token.copy_(first)
+            state.done.copy_(first == self.hp.stop_speech_token)
+            tokens[0:1].copy_(first)
+        n, emitted, target = 1, 0, first_block or max_new_tokens
+        while True:
+            finished = n >= max_new_tokens or (n % self.eos_check_every == 0 and bool(state.done))
+            if finished or n - emitted >= target:
+                out = tokens[emitted:n]
+                if finished or bool(state.done):
+                    out = trim_at_eos(out, self.hp.stop_speech_token)
+                    finished = True
+                yield (out.clone() if block else out), finished
+                if finished:
+                    return
+                if self._owner is not owner:
+                    raise RuntimeError("another generation ran on this model's T3 while this one was "
+                                       "paused; finish or close a stream before starting the next")
+                emitted, target = n, block or max_new_tokens
+            with torch.inference_mode():
+                kv_len = self.kv_len_for(P + n - 1, cache)
+                tokens[n : n + 1].copy_(self.step(state, params, cache, kv_len))
             n += 1
-        return trim_at_eos(tokens[:n], self.hp.stop_speech_token)[None]
 
     @torch.inference_mode()
     def teacher_forced_logits(self, embeds, forced: torch.Tensor, cfg_weight: float) -> torch.Tensor:

@@ -79,6 +79,11 @@ class FastInference:
         return wrapped(*args, **kwargs)
 
     def run(self, opts) -> torch.Tensor:
+        return torch.cat([ids for ids, _ in self.stream(opts)])[None]
+
+    def stream(self, opts, first_block: int | None = None, block: int | None = None):
+        """`(ids, finished)` blocks of one fast decode (see `T3Runner.token_blocks`)."""
+        opts = {**INFERENCE_DEFAULTS, **opts}
         runner = self.runner
         cfg_weight = float(opts["cfg_weight"])
         max_new = opts["max_new_tokens"] or runner.hp.max_speech_tokens
@@ -89,4 +94,4 @@ class FastInference:
                 repetition_penalty=opts["repetition_penalty"], min_p=opts["min_p"], top_p=opts["top_p"],
             )
             embeds = runner.build_prompt(opts["t3_cond"], opts["text_tokens"], cfg_weight)
-            return runner.generate(embeds, params, int(max_new))
+        return runner.token_blocks(embeds, params, int(max_new), first_block, block)

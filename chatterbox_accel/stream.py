@@ -1,0 +1,357 @@
+"""`generate_stream()`: audio chunks while T3 is still decoding.
+
+Per chunk:
+1. T3 yields a block of speech tokens (the fast runner's `token_blocks`; a model without the fast
+   path decodes the whole utterance first and is streamed from there).
+2. S3Gen's flow runs on the voice prompt + up to `context_tokens` earlier tokens + the new ones.
+   Its noise is drawn once per stream and indexed by absolute frame, so a frame's noise never
+   changes between chunks (and equals the one-shot's under the same seed). Until the last chunk
+   the final 3 tokens, whose encoder lookahead is incomplete, give no mel yet (upstream's
+   `finalize=False`). New mel frames are appended to a buffer; vocoded frames are never revised.
+3. HiFT vocodes the new frames with `VOCODER_CONTEXT` frames of left context, from an excitation
+   source continued sample by sample (the sine phase is carried over, one random initial phase
+   per stream), so there is no phase jump at chunk joins.
+4. Upstream's 40 ms fade-in at the very start.
+5. The window's last `HOLD` frames (their right context is not known yet) are held back and
+   cross-faded into the next window's recomputation of them. The last chunk flushes everything.
+6. The watermark, applied to the new audio behind up to 1 s of the audio already sent.
+
+Fidelity (measured in tests/test_stream.py): S3Gen's flow attends over the whole utterance, so a
+mel frame made before the later tokens exist cannot equal the one-shot frame exactly; with the
+default context the streamed mel stays close (relative L2 difference stated in the test), and the
+stitched audio matches vocoding the streamed mel in one pass to within the cross-faded joins.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+SPEECH_VOCAB = 6561          # ids >= this are T3 specials (BOS/EOS), never sent to S3Gen
+SAMPLES_PER_FRAME = 480      # S3Gen: 24 kHz audio, 50 mel frames per second
+VOCODER_CONTEXT = 8          # mel frames of left context for each HiFT window
+HOLD = 4                     # mel frames held back per chunk and cross-faded into the next
+WATERMARK_CONTEXT = 24000    # samples of sent audio the watermarker sees before each new chunk
+STREAM_OPTIONS = ("repetition_penalty", "min_p", "top_p", "audio_prompt_path", "exaggeration",
+                  "cfg_weight", "temperature", "max_new_tokens", "chunk_size", "first_chunk_size",
+                  "context_tokens", "watermark")
+
+
+@dataclass
+class StreamMetrics:
+    """What the stream has done so far, sent with each chunk."""
+
+    chunk_index: int
+    chunk_samples: int
+    samples_so_far: int
+    sample_rate: int
+    time_to_first_chunk: float  # seconds from the first next() to the first chunk
+    elapsed: float              # seconds since the first next()
+    t3_tokens: int              # speech tokens decoded so far
+    t3_seconds: float           # time spent in T3 so far
+    final: bool
+
+    @property
+    def audio_seconds(self) -> float:
+        return self.samples_so_far / self.sample_rate
+
+    @property
+    def rtf(self) -> float:
+        """Running real-time factor: elapsed time / audio produced (below 1 keeps up)."""
+        return self.elapsed / self.audio_seconds if self.samples_so_far else math.inf
+
+    @property
+    def t3_it_s(self) -> float:
+        return self.t3_tokens / self.t3_seconds if self.t3_seconds else 0.0
+
+
+# ---- S3Gen, incrementally ---------------------------------------------------------------------
+def flow_mel(flow, tokens, ref: dict, noise, finalize: bool, n_timesteps: int, meanflow: bool):
+    """`CausalMaskedDiffWithXvec.inference` (chatterbox 0.1.7) for batch 1 with the CFM's noise
+    given (`noise`: (1, 80, prompt frames + 2 * tokens)) instead of drawn. Returns (1, 80, frames)."""
+    from chatterbox.models.s3gen.utils.mask import make_pad_mask
+
+    token = torch.atleast_2d(tokens)
+    embedding = flow.spk_embed_affine_layer(F.normalize(torch.atleast_2d(ref["embedding"]), dim=1))
+    prompt_feat = ref["prompt_feat"]
+    token = torch.concat([ref["prompt_token"], token], dim=1)
+    token_len = torch.tensor([token.shape[1]], device=token.device)
+    mask = (~make_pad_mask(token_len)).unsqueeze(-1).to(embedding)
+    h, h_masks = flow.encoder(flow.input_embedding(token.long()) * mask, token_len)
+    if not finalize:
+        h = h[:, : -flow.pre_lookahead_len * flow.token_mel_ratio]
+    mel_len1, total = prompt_feat.shape[1], h.shape[1]
+    h = flow.encoder_proj(h)
+    conds = torch.zeros([1, total, flow.output_size], device=h.device, dtype=h.dtype)
+    conds[:, :mel_len1] = prompt_feat
+    mask = torch.ones(1, 1, total, device=h.device, dtype=h.dtype)
+    cfm = flow.decoder
+    t_span = torch.linspace(0, 1, n_timesteps + 1, device=h.device, dtype=h.dtype)
+    z = noise[:, :, :total].to(h.dtype)
+    mu = h.transpose(1, 2).contiguous()
+    if meanflow:
+        feat = cfm.basic_euler(z, t_span=t_span, mu=mu, mask=mask, spks=embedding, cond=conds.transpose(1, 2))
+    else:
+        if cfm.t_scheduler == "cosine":
+            t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)
+        feat = cfm.solve_euler(z, t_span=t_span, mu=mu, mask=mask, spks=embedding,
+                               cond=conds.transpose(1, 2))
+    return feat[:, :, mel_len1:]
+
+
+class S3GenStreamer:
+    """Speech tokens in (block by block), watermarked audio out (chunk by chunk)."""
+
+    def __init__(self, s3gen, ref: dict, max_tokens: int, *, context_tokens: int | None = 100,
+                 watermarker=None, sample_rate: int = 24000, noise: torch.Tensor | None = None):
+        self.s3gen, self.flow, self.hift = s3gen, s3gen.flow, s3gen.mel2wav
+        device, dtype = s3gen.device, s3gen.dtype
+        self.ref = {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in ref.items()}
+        self.ref = {k: (v.to(device=device, dtype=dtype) if torch.is_tensor(v) and v.is_floating_point()
+                        else v.to(device) if torch.is_tensor(v) else v) for k, v in self.ref.items()}
+        self.prompt_frames = self.ref["prompt_feat"].shape[1]
+        self.ratio = self.flow.token_mel_ratio
+        self.lookahead = self.flow.pre_lookahead_len
+        self.meanflow = bool(getattr(s3gen, "meanflow", False))
+        self.n_timesteps = 2 if self.meanflow else 10
+        frames = self.prompt_frames + self.ratio * max_tokens
+        # A private generator, seeded from the global RNG's state without drawing from it: the
+        # same torch.manual_seed gives the same stream, and T3's sampling (global RNG) sees the
+        # same random numbers as in generate(), so both decode the same tokens.
+        seed = zlib.crc32(torch.random.get_rng_state().numpy().tobytes())
+        self.rng = torch.Generator(device=device).manual_seed(seed)
+        self.noise = noise if noise is not None else torch.randn(
+            1, 80, frames, device=device, dtype=dtype, generator=self.rng)
+        self.context_tokens = context_tokens
+        self.watermarker, self.sample_rate = watermarker, sample_rate
+        self.tokens = torch.zeros(0, dtype=torch.long, device=device)
+        self.mel = torch.zeros(1, 80, 0, device=device, dtype=dtype)  # fixed frames
+        self.source = torch.zeros(1, 1, 0, device=device, dtype=dtype)  # committed excitation
+        sine = self.hift.m_source.l_sin_gen
+        self.harmonics = torch.arange(1, sine.harmonic_num + 2, device=device, dtype=dtype).view(1, -1, 1)
+        self.phase_vec = (torch.rand(1, sine.harmonic_num + 1, 1, device=device, dtype=dtype,
+                                     generator=self.rng) * 2 - 1) * math.pi
+        self.phase_vec[:, 0] = 0  # as SineGen: the fundamental starts at phase 0
+        self.phase_acc = torch.zeros(1, sine.harmonic_num + 1, 1, device=device, dtype=torch.float64)
+        self.committed = 0  # frames whose audio has been emitted
+        self.tail = torch.zeros(0, device=device, dtype=dtype)  # held samples after `committed`
+        self.sent = self.tail  # the last WATERMARK_CONTEXT samples sent, before watermarking
+
+    @torch.inference_mode()
+    def push(self, ids: torch.Tensor, final: bool) -> torch.Tensor:
+        """Add speech token ids (1-D, valid ids only); return the audio that became ready."""
+        self.tokens = torch.cat([self.tokens, ids.to(self.tokens.device).long().view(-1)])
+        n = self.tokens.numel()
+        usable = n if final else n - self.lookahead
+        done_tokens = self.mel.shape[2] // self.ratio
+        if usable > done_tokens:
+            w0 = 0 if self.context_tokens is None else max(0, done_tokens - self.context_tokens)
+            P, r = self.prompt_frames, self.ratio
+            noise = torch.cat([self.noise[:, :, :P], self.noise[:, :, P + r * w0 : P + r * n]], dim=2)
+            mel = flow_mel(self.flow, self.tokens[w0:n][None], self.ref, noise, final,
+                           self.n_timesteps, self.meanflow)
+            self.mel = torch.cat([self.mel, mel[:, :, r * (done_tokens - w0):].to(self.mel.dtype)], dim=2)
+        audio = self._vocode(final)
+        if self.watermarker is None or not audio.numel():
+            return audio
+        # The watermark network needs context: mark the new audio behind up to 1 s of the audio
+        # already sent (unmarked), and send only the new part.
+        window = torch.cat([self.sent, audio])
+        self.sent = window[-WATERMARK_CONTEXT:]
+        return self._watermark(window)[-audio.numel():]
+
+    def _excitation(self, f0_frames: torch.Tensor, start: int) -> torch.Tensor:
+        """HiFT's source (SineGen + merge) for frames from `start` on, continuing the phase of
+        the committed source. f0_frames: (1, frames) in Hz."""
+        sine = self.hift.m_source.l_sin_gen
+        f0 = f0_frames[:, None].repeat_interleave(SAMPLES_PER_FRAME, dim=2)  # (1, 1, L)
+        steps = f0 * self.harmonics / sine.sampling_rate
+        theta = 2 * math.pi * ((torch.cumsum(steps.double(), dim=-1) + self.phase_acc) % 1)
+        waves = sine.sine_amp * torch.sin(theta.to(f0.dtype) + self.phase_vec)
+        uv = (f0 > sine.voiced_threshold).to(f0.dtype)
+        noise_amp = uv * sine.noise_std + (1 - uv) * sine.sine_amp / 3
+        noise = torch.randn(waves.shape, device=waves.device, dtype=waves.dtype, generator=self.rng)
+        waves = waves * uv + noise_amp * noise
+        m = self.hift.m_source
+        return m.l_tanh(m.l_linear(waves.transpose(1, 2))).transpose(1, 2), steps
+
+    def _vocode(self, final: bool) -> torch.Tensor:
+        total = self.mel.shape[2]
+        end = total if final else total - HOLD
+        C = self.committed
+        if end <= C and not final:
+            return self.tail[:0]
+        v0 = max(0, C - VOCODER_CONTEXT)
+        mel = self.mel[:, :, v0:total]
+        f0 = self.hift.f0_predictor(mel)  # (1, frames)
+        new_source, steps = self._excitation(f0[:, C - v0:], C)
+        source = torch.cat([self.source[:, :, v0 * SAMPLES_PER_FRAME:], new_source], dim=2)
+        wav = self.hift.decode(x=mel, s=source)[0]  # samples for frames [v0, total)
+        trim = self.s3gen.trim_fade
+        if v0 * SAMPLES_PER_FRAME < trim.numel():  # upstream fades in the first 40 ms
+            n = trim.numel() - v0 * SAMPLES_PER_FRAME
+            wav[:n] = wav[:n] * trim[v0 * SAMPLES_PER_FRAME:][: wav[:n].numel()]
+        # commit [C, end): cross-fade the held tail into its recomputation
+        a, b = (C - v0) * SAMPLES_PER_FRAME, (max(end, C) - v0) * SAMPLES_PER_FRAME
+        out = wav[a:b].clone()
+        k = min(self.tail.numel(), out.numel())
+        if k:
+            fade = 0.5 - 0.5 * torch.cos(torch.linspace(0, math.pi, k, device=out.device, dtype=out.dtype))
+            out[:k] = self.tail[:k] * (1 - fade) + out[:k] * fade
+        self.tail = wav[b:].clone()
+        committed = max(end, C) - C
+        self.source = torch.cat([self.source, new_source[:, :, : committed * SAMPLES_PER_FRAME]], dim=2)
+        if committed:
+            self.phase_acc = (self.phase_acc + steps[:, :, : committed * SAMPLES_PER_FRAME].double()
+                              .sum(-1, keepdim=True)) % 1
+        self.committed = max(end, C)
+        return out
+
+    def _watermark(self, wav: torch.Tensor) -> torch.Tensor:
+        marked = self.watermarker.apply_watermark(wav.detach().cpu().numpy(), sample_rate=self.sample_rate)
+        marked = torch.as_tensor(np.asarray(marked, dtype=np.float32), device=wav.device, dtype=wav.dtype)
+        if marked.numel() >= wav.numel():
+            return marked[: wav.numel()]
+        return torch.cat([marked, wav[marked.numel():]])  # a resampler may drop a sample or two
+
+
+# ---- the generator ----------------------------------------------------------------------------
+def generate_stream(model, text, *, repetition_penalty=1.2, min_p=0.05, top_p=1.0,
+                    audio_prompt_path=None, exaggeration=0.5, cfg_weight=0.5, temperature=0.8,
+                    max_new_tokens=1000, chunk_size=25, first_chunk_size=None, context_tokens=100,
+                    watermark=True, **unknown):
+    """Stream `model.generate(text, ...)`: yields `(audio_chunk, StreamMetrics)`, the chunk a 1-D
+    float tensor at `model.sr`. Same options as `generate()`, plus `max_new_tokens`,
+    `chunk_size` (speech tokens per chunk; 25 = 1 s of audio), `first_chunk_size` (default
+    min(chunk_size, 12): a small first chunk starts playback early), `context_tokens` (earlier
+    tokens S3Gen re-reads per chunk; None = all) and `watermark`.
+
+    Arguments are checked now; the work starts at the first `next()`. Closing the generator
+    early (break) frees its state and leaves the model usable.
+    """
+    if unknown:
+        raise TypeError(f"generate_stream() got unknown option(s) {sorted(unknown)}; "
+                        f"valid options: {', '.join(STREAM_OPTIONS)}")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("text is empty: pass the sentence to speak, e.g. generate_stream(model, 'Hello.')")
+    for name, value in (("chunk_size", chunk_size), ("first_chunk_size", first_chunk_size),
+                        ("context_tokens", context_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1 (speech tokens; 25 per second of "
+                             f"audio), got {value!r}")
+    why = stream_unsupported(model)
+    if why:
+        raise (TypeError if why.startswith("not") else NotImplementedError)(f"generate_stream(): {why}")
+    from .t3.patch import check_lengths
+
+    check_lengths(model.t3.hp, torch.zeros(1, 2), max_new_tokens)
+    if audio_prompt_path is not None:
+        from .voice import check_reference_audio
+
+        check_reference_audio(audio_prompt_path)
+    elif getattr(model, "conds", None) is None:
+        raise ValueError("no voice: pass audio_prompt_path or call model.prepare_conditionals() first")
+    options = dict(repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p,
+                   cfg_weight=cfg_weight, temperature=temperature)
+    return _stream(model, text, options, audio_prompt_path, exaggeration, max_new_tokens,
+                   chunk_size, first_chunk_size or min(chunk_size, 12), context_tokens, watermark)
+
+
+def stream_unsupported(model) -> str | None:
+    """Why `generate_stream()` cannot serve `model` (None when it can)."""
+    from chatterbox.models.t3 import T3
+
+    if not (isinstance(getattr(model, "t3", None), T3) and hasattr(model, "s3gen")):
+        return f"not a Chatterbox TTS model: {type(model).__name__}"
+    if model.t3.hp.is_multilingual or not hasattr(getattr(model, "tokenizer", None), "text_to_tokens"):
+        return (f"{type(model).__name__} is not streamed in this release (English ChatterboxTTS "
+                f"is); use generate()")
+    return None
+
+
+def _stream(model, text, options, audio_prompt_path, exaggeration, max_new_tokens, chunk_size,
+            first_chunk_size, context_tokens, watermark):
+    start = time.perf_counter()
+    text_tokens = _prepare(model, text, audio_prompt_path, exaggeration, options["cfg_weight"])
+    streamer = S3GenStreamer(model.s3gen, model.conds.gen, max_new_tokens, context_tokens=context_tokens,
+                             watermarker=model.watermarker if watermark else None, sample_rate=model.sr)
+    blocks = _token_blocks(model, text_tokens, options, max_new_tokens, first_chunk_size, chunk_size)
+    index = samples = n_tokens = 0
+    t3_seconds, first = 0.0, None
+    try:
+        while True:
+            t = time.perf_counter()
+            ids, final = next(blocks)
+            t3_seconds += time.perf_counter() - t
+            n_tokens += ids.numel()
+            audio = streamer.push(ids[ids < SPEECH_VOCAB], final)
+            if audio.numel() == 0 and not final:
+                continue
+            now = time.perf_counter()
+            first = first if first is not None else now - start
+            samples += audio.numel()
+            yield audio.cpu(), StreamMetrics(index, audio.numel(), samples, model.sr, first, now - start,
+                                             n_tokens, t3_seconds, final)
+            index += 1
+            if final:
+                return
+    finally:
+        blocks.close()
+
+
+def _prepare(model, text, audio_prompt_path, exaggeration, cfg_weight):
+    """`ChatterboxTTS.generate` up to T3 (chatterbox 0.1.7): voice, exaggeration, text tokens."""
+    from chatterbox.models.t3.modules.cond_enc import T3Cond
+    from chatterbox.tts import punc_norm
+
+    if audio_prompt_path:
+        model.prepare_conditionals(audio_prompt_path, exaggeration=exaggeration)
+    if exaggeration != model.conds.t3.emotion_adv[0, 0, 0]:
+        cond = model.conds.t3
+        model.conds.t3 = T3Cond(speaker_emb=cond.speaker_emb,
+                                cond_prompt_speech_tokens=cond.cond_prompt_speech_tokens,
+                                emotion_adv=exaggeration * torch.ones(1, 1, 1)).to(device=model.device)
+    text_tokens = model.tokenizer.text_to_tokens(punc_norm(text)).to(model.device)
+    if cfg_weight > 0.0:
+        text_tokens = torch.cat([text_tokens, text_tokens], dim=0)
+    text_tokens = F.pad(text_tokens, (1, 0), value=model.t3.hp.start_text_token)
+    return F.pad(text_tokens, (0, 1), value=model.t3.hp.stop_text_token)
+
+
+def _token_blocks(model, text_tokens, options, max_new_tokens, first_block, block):
+    """(ids, final) pairs: from the fast runner while it decodes, else from one original call."""
+    from .api import fast_inference_of
+
+    fast = fast_inference_of(model)
+    if fast is not None and fast.disabled is None:
+        blocks = fast.stream(dict(options, t3_cond=model.conds.t3, text_tokens=text_tokens,
+                                  max_new_tokens=max_new_tokens), first_block, block)
+        try:
+            first = next(blocks)
+        except Exception as exc:  # nothing streamed yet: the original T3 can still answer
+            fast.disabled = f"{type(exc).__name__}: {exc}"
+            logger.warning("chatterbox_accel: fast T3 decode failed (%s); this model now uses the "
+                           "original T3.inference", fast.disabled)
+        else:
+            yield first
+            yield from blocks
+            return
+    with torch.inference_mode():
+        ids = model.t3.inference(t3_cond=model.conds.t3, text_tokens=text_tokens,
+                                 max_new_tokens=max_new_tokens, **options)[0]
+    stop = (ids == model.t3.hp.stop_speech_token).nonzero()
+    ids = ids[: int(stop[0, 0])] if stop.numel() else ids
+    start, size = 0, first_block
+    while True:
+        yield ids[start : start + size], start + size >= ids.numel()
+        if start + size >= ids.numel():
+            return
+        start, size = start + size, block
