@@ -201,3 +201,280 @@ def tiny_english_model(folder, device="cpu", seed: int = 0, layers: int = 2, sto
     conds = Conditionals.load(folder / "conds.pt").to(device)
     return ChatterboxTTS(tiny_t3(seed, layers, stop_after).to(device), s3gen.to(device).eval(), ve.to(device).eval(),
                          EnTokenizer(str(folder / "tokenizer.json")), device, conds=conds)
+
+
+# ---- the other model families of chatterbox-tts 0.1.7 ----------------------------------------
+# File lists as the upstream loaders read them (`from_local`) and fetch them (`from_pretrained`).
+MULTILINGUAL_HUB_REPO = "ResembleAI/chatterbox"  # chatterbox.mtl_tts.REPO_ID
+MULTILINGUAL_FILES = ("ve.pt", "t3_mtl23ls_v2.safetensors", "s3gen.pt",
+                      "grapheme_mtl_merged_expanded_v1.json", "conds.pt", "Cangjie5_TC.json")
+TURBO_HUB_REPO = "ResembleAI/chatterbox-turbo"  # chatterbox.tts_turbo.REPO_ID
+TURBO_ALLOW_PATTERNS = ("*.safetensors", "*.json", "*.txt", "*.pt", "*.model")  # its snapshot_download
+TURBO_FILES = ("ve.safetensors", "t3_turbo_v1.safetensors", "s3gen_meanflow.safetensors",
+               "tokenizer.json", "tokenizer_config.json", "conds.pt")  # what we write; AutoTokenizer reads the two json
+VC_HUB_REPO = "ResembleAI/chatterbox"  # chatterbox.vc.REPO_ID
+VC_FILES = ("s3gen.safetensors", "conds.pt")  # a subset of the English files: VC reads conds.pt's "gen" only
+MULTILINGUAL_TEXT_VOCAB = 2454  # T3Config.multilingual().text_tokens_dict_size
+TURBO_TEXT_VOCAB = 50276  # Turbo's T3Config(text_tokens_dict_size=50276); from_local warns on another length
+TURBO_PROMPT_TOKENS = 375  # Turbo's speech_cond_prompt_len: a reference of 15 s or more fills it
+
+
+def _reusable(folder: Path, files, meta: dict, overwrite: bool) -> bool:
+    """True when `folder` already holds `files` and a metadata file equal to `meta`."""
+    meta_file = folder / "chatterbox_accel.json"
+    if overwrite or not meta_file.exists() or not all((folder / f).exists() for f in files):
+        return False
+    return json.loads(meta_file.read_text()) == meta
+
+
+def _finish(folder: Path, meta: dict, family: str) -> Path:
+    (folder / "chatterbox_accel.json").write_text(json.dumps(meta, indent=1))  # last: marks it complete
+    logger.info("wrote random-weight %s checkpoint to %s", family, folder)
+    return folder
+
+
+def _as_family_conds(conds, module: str):
+    """`conds` rebuilt with the Conditionals class of chatterbox's `module` (same fields)."""
+    import importlib
+
+    cls = importlib.import_module(module).Conditionals
+    return cls(conds.t3, conds.gen)
+
+
+def multilingual_vocab() -> dict:
+    """A grapheme vocabulary shaped like `grapheme_mtl_merged_expanded_v1.json`: chatterbox's
+    special tokens at the English ids, one `[xx]` token per supported language, lowercase
+    graphemes of the supported scripts (NFKD: base letters plus combining marks), Cangjie
+    code tokens `[cj_a]`...; every id < 2454 is used."""
+    from chatterbox.mtl_tts import SUPPORTED_LANGUAGES
+
+    vocab = dict(SPECIAL_TOKENS)
+    symbols = [f"[{code}]" for code in sorted(SUPPORTED_LANGUAGES)]
+    symbols += [f"[cj_{c}]" for c in "abcdefghijklmnopqrstuvwxyz."]
+    ranges = [(0x21, 0x7F), (0x300, 0x370), (0x3B1, 0x3CA), (0x430, 0x460), (0x5D0, 0x5EB),
+              (0x621, 0x64B), (0x900, 0x97F), (0x3041, 0x3097), (0x30A1, 0x30FB), (0x1100, 0x1200),
+              (0x3001, 0x3003), (0xFF01, 0xFF20)]
+    symbols += [chr(c) for lo, hi in ranges for c in range(lo, hi) if not chr(c).isupper()]
+    next_id = 7
+    for sym in symbols:
+        while next_id in vocab.values():
+            next_id += 1
+        if next_id >= MULTILINGUAL_TEXT_VOCAB:
+            break
+        vocab.setdefault(sym, next_id)
+        next_id += 1
+    used = set(vocab.values())
+    for i in range(MULTILINGUAL_TEXT_VOCAB):
+        if i not in used:
+            vocab[f"<unused{i}>"] = i
+    return vocab
+
+
+def write_multilingual_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+
+    vocab = multilingual_vocab()
+    tok = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    # Language and Cangjie tokens are matched whole, before the per-character model.
+    tok.add_special_tokens([t for t in vocab if t.startswith("[")])
+    tok.save(str(path))
+
+
+def write_cangjie_table(path: Path) -> None:
+    """A few entries in the format of `Cangjie5_TC.json` ("glyph\\tcode" strings)."""
+    path.write_text(json.dumps(["日\ta", "月\tb", "金\tc", "木\td", "水\te", "火\tf", "土\tg"],
+                               ensure_ascii=False))
+
+
+@torch.no_grad()
+def _shape_multilingual_head(t3, stop_after: int | None = None):
+    """`_shape_speech_head`, plus: the 6561 speech-token rows are scaled up (x3), so that at
+    multilingual `generate()`'s default min_p=0.05 the rows >= 6561 (start, stop, and the 1631
+    unused ids up to 8193) always fall below the cut. Multilingual `generate()`, unlike the
+    English one, does not drop ids >= 6561 before S3Gen (whose embedding has 6561 rows), so a
+    random head that emits them makes it fail with an IndexError; a trained head never does.
+    The EOS row is doubled to stay on top of the larger logits once position N is reached."""
+    _shape_speech_head(t3, stop_after)
+    t3.speech_head.weight[:6561] *= 3.0
+    if stop_after is not None:
+        t3.speech_head.weight[t3.hp.stop_speech_token] *= 2.0
+    return t3
+
+
+def write_multilingual_checkpoint(folder, seed: int = 0, overwrite: bool = False,
+                                  stop_after: int | None = None, voice_seconds: float = 10.0) -> Path:
+    """Write a full-size random checkpoint that `ChatterboxMultilingualTTS.from_local(folder,
+    device)` loads: `ve.pt` and `s3gen.pt` (torch state dicts, loaded strictly),
+    `t3_mtl23ls_v2.safetensors` (T3(T3Config.multilingual()): Llama 520M, 2454 text ids), the
+    grapheme tokenizer json, `Cangjie5_TC.json` and `conds.pt`. Same seed offsets as
+    `write_english_checkpoint`, so the voice encoder and S3Gen equal the English ones.
+    `stop_after`: T3 stops after about that many speech tokens, as for English (multilingual
+    `generate()` also runs chatterbox's alignment analyzer, which may hold EOS back a few steps
+    while it thinks the text is unfinished, or force it earlier)."""
+    from chatterbox.models.s3gen import S3Gen
+    from chatterbox.models.t3 import T3
+    from chatterbox.models.t3.modules.t3_config import T3Config
+    from chatterbox.models.voice_encoder import VoiceEncoder
+
+    folder = Path(folder)
+    meta = {"family": "multilingual", "seed": seed, "random_weights": True, "stop_after": stop_after,
+            "voice_seconds": voice_seconds}
+    if _reusable(folder, MULTILINGUAL_FILES, meta, overwrite):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    ve = _seeded(seed + 1, VoiceEncoder).eval()
+    t3 = _shape_multilingual_head(_seeded(seed, lambda: T3(T3Config.multilingual())).eval(), stop_after)
+    s3gen = _seeded(seed + 2, S3Gen).eval()
+    torch.save({k: v.detach().clone() for k, v in ve.state_dict().items()}, folder / "ve.pt")
+    _save_safetensors(t3, folder / "t3_mtl23ls_v2.safetensors")
+    torch.save({k: v.detach().clone() for k, v in s3gen.state_dict().items()}, folder / "s3gen.pt")
+    write_multilingual_tokenizer(folder / "grapheme_mtl_merged_expanded_v1.json")
+    write_cangjie_table(folder / "Cangjie5_TC.json")
+    conds = english_conds(s3gen, t3, seed, voice_seconds)  # same prompt length (150) and fields
+    _as_family_conds(conds, "chatterbox.mtl_tts").save(folder / "conds.pt")
+    return _finish(folder, meta, "multilingual")
+
+
+def write_turbo_tokenizer(folder: Path) -> None:
+    """A GPT-2 style byte-level BPE tokenizer with Turbo's 50276 entries, built offline:
+    the 256 byte symbols, 50000 two-byte merges, `<|endoftext|>` (50256) and 19 added tokens
+    (stand-ins for Turbo's own added tokens). Saved with `save_pretrained`, so the
+    `AutoTokenizer.from_pretrained(folder)` of `ChatterboxTurboTTS.from_local` loads it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GPT2TokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    merges = []
+    for a in alphabet:
+        for b in alphabet:
+            if len(vocab) >= 50256:
+                break
+            vocab[a + b] = len(vocab)
+            merges.append((a, b))
+    vocab["<|endoftext|>"] = 50256
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    hf_tok = GPT2TokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                               eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    hf_tok.add_tokens([f"<|chatterbox_accel_added_{i}|>" for i in range(TURBO_TEXT_VOCAB - 50257)])
+    assert len(hf_tok) == TURBO_TEXT_VOCAB, len(hf_tok)
+    hf_tok.save_pretrained(str(folder))
+
+
+def turbo_t3_config():
+    """Turbo's T3 hyper-parameters, exactly as `ChatterboxTurboTTS.from_local` sets them."""
+    from chatterbox.models.t3.modules.t3_config import T3Config
+
+    hp = T3Config(text_tokens_dict_size=TURBO_TEXT_VOCAB)
+    hp.llama_config_name = "GPT2_medium"
+    hp.speech_tokens_dict_size = 6563
+    hp.input_pos_emb = None
+    hp.speech_cond_prompt_len = 375
+    hp.use_perceiver_resampler = False
+    hp.emotion_adv = False
+    return hp
+
+
+@torch.no_grad()
+def _shape_turbo_head(t3, stop_after: int | None = None, prompt_tokens: int = TURBO_PROMPT_TOKENS):
+    """Turbo's counterpart of `_shape_speech_head` (GPT-2 backbone, `inference_turbo`).
+
+    Rows >= 6561 (start/stop) are scaled down, so a random model runs to `max_gen_len`.
+    GPT-2 has only absolute positions (its own `wpe`; T3 adds none), so a random Turbo T3 can
+    only stop at a fixed position of the whole sequence: speaker (1) + voice prompt tokens +
+    text + speech. `stop_after=N`: positions from 1 + `prompt_tokens` + N on carry a large
+    component along a zero-mean direction d, and the EOS row of the head reads d. With a voice
+    prompt of `prompt_tokens` tokens (the built-in voice is written with that many; a reference
+    of s seconds gives min(25 * s, 375)), T3 stops once text + speech tokens reach about N; a
+    longer prompt stops it sooner (possibly at once), a shorter one later.
+    """
+    t3.speech_head.weight[6561:] *= 0.05
+    if stop_after is not None:
+        g = torch.Generator().manual_seed(99)
+        d = torch.randn(t3.dim, generator=g)
+        d = d - d.mean()  # GPT-2's final LayerNorm removes the mean
+        d = d / d.norm()
+        t3.tfmr.wpe.weight[1 + prompt_tokens + stop_after:] += 100.0 * d
+        t3.speech_head.weight[t3.hp.stop_speech_token] = 0.3 * d
+        t3.speech_head.bias[t3.hp.stop_speech_token] = 0.0
+    return t3
+
+
+def turbo_conds(s3gen, hp, seed: int = 0, voice_seconds: float = 10.0, prompt_tokens: int = TURBO_PROMPT_TOKENS):
+    """Built-in Turbo voice: like `english_conds`, but the synthetic voice is loudness-normalised
+    to -27 LUFS first (as Turbo's prepare_conditionals does) and the T3 prompt has
+    `prompt_tokens` tokens (375, as a reference of 15 s or more gives)."""
+    import numpy as np
+    import pyloudnorm
+
+    from chatterbox.models.t3.modules.cond_enc import T3Cond
+    from chatterbox.tts_turbo import Conditionals
+
+    wav = synthetic_voice(voice_seconds, seed=seed).numpy().astype(np.float64)
+    gain = 10.0 ** ((-27.0 - pyloudnorm.Meter(24000).integrated_loudness(wav)) / 20.0)
+    with torch.inference_mode():
+        gen = s3gen.embed_ref(torch.from_numpy(wav * gain).float(), 24000, device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    speaker = torch.randn(1, hp.speaker_embed_size, generator=g)
+    t3_cond = T3Cond(
+        speaker_emb=speaker / speaker.norm(),
+        cond_prompt_speech_tokens=torch.randint(0, 6561, (1, prompt_tokens), generator=g),
+        emotion_adv=0.5 * torch.ones(1, 1, 1),
+    )
+    return Conditionals(t3_cond, {k: (v.clone() if torch.is_tensor(v) else v) for k, v in gen.items()})
+
+
+def write_turbo_checkpoint(folder, seed: int = 0, overwrite: bool = False, stop_after: int | None = None,
+                           voice_seconds: float = 10.0, prompt_tokens: int = TURBO_PROMPT_TOKENS) -> Path:
+    """Write a full-size random checkpoint that `ChatterboxTurboTTS.from_local(folder, device)`
+    loads: `ve.safetensors`, `t3_turbo_v1.safetensors` (GPT-2 medium T3, including the `wte`
+    from_local deletes after loading), `s3gen_meanflow.safetensors` (S3Gen(meanflow=True),
+    loaded strictly), a GPT-2 style tokenizer (`tokenizer.json`, `tokenizer_config.json`) and
+    `conds.pt`. `stop_after`: see `_shape_turbo_head`: it counts text tokens too, and holds
+    for voice prompts of `prompt_tokens` tokens (the built-in voice has that many; 375 = a
+    reference of 15 s or more, 150 = a 6 s one)."""
+    from chatterbox.models.s3gen import S3Gen
+    from chatterbox.models.t3 import T3
+    from chatterbox.models.voice_encoder import VoiceEncoder
+
+    folder = Path(folder)
+    meta = {"family": "turbo", "seed": seed, "random_weights": True, "stop_after": stop_after,
+            "voice_seconds": voice_seconds, "prompt_tokens": prompt_tokens}
+    if _reusable(folder, TURBO_FILES, meta, overwrite):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    hp = turbo_t3_config()
+    ve = _seeded(seed + 1, VoiceEncoder).eval()
+    t3 = _shape_turbo_head(_seeded(seed, lambda: T3(hp)).eval(), stop_after, prompt_tokens)
+    s3gen = _seeded(seed + 2, lambda: S3Gen(meanflow=True)).eval()
+    _save_safetensors(ve, folder / "ve.safetensors")
+    _save_safetensors(t3, folder / "t3_turbo_v1.safetensors")
+    _save_safetensors(s3gen, folder / "s3gen_meanflow.safetensors")
+    write_turbo_tokenizer(folder)
+    turbo_conds(s3gen, hp, seed, voice_seconds, prompt_tokens).save(folder / "conds.pt")
+    return _finish(folder, meta, "turbo")
+
+
+def write_vc_checkpoint(folder, seed: int = 0, overwrite: bool = False, voice_seconds: float = 10.0) -> Path:
+    """Write what `ChatterboxVC.from_local(folder, device)` reads: `s3gen.safetensors` and
+    `conds.pt` (it uses the "gen" part: the target voice). These are the English files of the
+    same seed, byte for byte, so a complete English checkpoint folder loads as VC too."""
+    import types
+
+    from chatterbox.models.s3gen import S3Gen
+    from chatterbox.models.t3.modules.t3_config import T3Config
+
+    folder = Path(folder)
+    meta = {"family": "vc", "seed": seed, "random_weights": True, "voice_seconds": voice_seconds}
+    if _reusable(folder, VC_FILES, meta, overwrite):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    s3gen = _seeded(seed + 2, S3Gen).eval()
+    _save_safetensors(s3gen, folder / "s3gen.safetensors")
+    # english_conds reads only T3's prompt sizes; no 2 GB T3 is built for them.
+    english_conds(s3gen, types.SimpleNamespace(hp=T3Config.english_only()), seed, voice_seconds).save(
+        folder / "conds.pt")
+    return _finish(folder, meta, "vc")
