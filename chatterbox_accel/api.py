@@ -15,13 +15,14 @@ import torch
 
 from .check import CheckResult, probe_inputs, run_output_check
 from .config import AccelConfig
+from .families import family_of, t3_fallback_reason, voice_method_of
 from .patching import drop_registry, get_registry
 from .t3.decode import T3Runner
 from .t3.graphs import install_step
 from .t3.model import make_flash_attention, sdpa_attention
 from .t3.patch import FastInference
 from .t3.sampling import SamplingParams
-from .voice import CachedPrepareConditionals, VoiceCache
+from .voice import CachedPrepareConditionals, CachedSetTargetVoice, VoiceCache
 
 logger = logging.getLogger(__name__)
 
@@ -69,17 +70,22 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
     cfg = config if config is not None else AccelConfig.from_options(options)
     if config is not None and options:
         raise ValueError("pass either config= or keyword options, not both")
-    t3 = _validate_model(model, cfg)
+    t3 = _validate_model(model, cfg)  # None for ChatterboxVC, which has no T3
     restore(model)  # idempotent: re-accelerating starts from the original
     start = time.perf_counter()
-    report = AccelReport(device=str(t3.device))
+    report = AccelReport(device=str(_model_device(model)))
     registry = get_registry(model, create=True)
     try:
-        if cfg.voice_cache and callable(getattr(model, "prepare_conditionals", None)):
+        voice_method = voice_method_of(model)  # prepare_conditionals, or VC's set_target_voice
+        if cfg.voice_cache and voice_method is not None:
             cache = registry.state["voice_cache"] = VoiceCache(cfg.voice_cache_size)
-            registry.wrap_method(model, "prepare_conditionals", CachedPrepareConditionals(cache))
+            wrapper = CachedSetTargetVoice if voice_method == "set_target_voice" else CachedPrepareConditionals
+            registry.wrap_method(model, voice_method, wrapper(cache))
             report.applied.append("voice_cache")
-        if cfg.t3:
+        t3_fallback = t3_fallback_reason(model)  # multilingual, Turbo (GPT-2) and VC: see families.py
+        if cfg.t3 and t3_fallback:
+            report.fallbacks["t3"] = t3_fallback
+        if cfg.t3 and not t3_fallback:
             runner = _build_runner(t3, cfg, report)
             _install_steps(runner, t3, cfg, report)
             fast = FastInference(runner)
@@ -123,13 +129,21 @@ def runner_of(model) -> T3Runner | None:
 
 # ---- helpers --------------------------------------------------------------------------------
 def _validate_model(model, cfg: AccelConfig):
+    """The model's T3 (None for ChatterboxVC), after checking everything accelerate() needs."""
     from chatterbox.models.t3 import T3
 
+    if family_of(model) == "vc":
+        device = _model_device(model)
+        if device.type not in SUPPORTED_DEVICES:
+            raise ValueError(f"device {device.type!r} is not supported; use one of {SUPPORTED_DEVICES}")
+        if cfg.dtype != "float32" and device.type == "cpu":
+            raise ValueError(f"dtype={cfg.dtype!r} needs a GPU; on cpu use dtype='float32'")
+        return None
     t3 = getattr(model, "t3", None)
     if not isinstance(t3, T3):
         raise TypeError(
             f"accelerate() expects a Chatterbox model with a .t3 (ChatterboxTTS, "
-            f"ChatterboxMultilingualTTS, ...), got {type(model).__name__}"
+            f"ChatterboxMultilingualTTS, ChatterboxTurboTTS) or a ChatterboxVC, got {type(model).__name__}"
         )
     if t3.training:
         raise ValueError("model.t3 is in training mode; call model.t3.eval() before accelerate()")
@@ -197,6 +211,13 @@ def _warmup(runner: T3Runner, t3, steps: int = 4):
                                  repetition_penalty=1.2, min_p=0.05, top_p=1.0)
     embeds = runner.build_prompt(t3_cond, text, 0.5)
     runner.generate(embeds, params, steps)
+
+
+def _model_device(model) -> torch.device:
+    t3 = getattr(model, "t3", None)
+    if t3 is not None:
+        return t3.device
+    return next(model.s3gen.parameters()).device  # ChatterboxVC
 
 
 def _builtin_t3_conds(model):

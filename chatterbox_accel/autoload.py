@@ -2,9 +2,11 @@
 
 The installed `chatterbox_accel_autoload.pth` calls `install()` at interpreter start-up, and
 only when CHATTERBOX_ACCEL is set to a true value. `install()` imports nothing heavy: it
-registers a post-import hook, so when (and if) the app imports `chatterbox.tts`, the
-`ChatterboxTTS.__init__` of that process is wrapped to call `accelerate(self)` after the
-original constructor. Options may be given as JSON in CHATTERBOX_ACCEL_OPTIONS.
+registers post-import hooks, so when (and if) the app imports `chatterbox.tts`,
+`chatterbox.mtl_tts`, `chatterbox.tts_turbo` or `chatterbox.vc`, that module's model class
+(`ChatterboxTTS`, `ChatterboxMultilingualTTS`, `ChatterboxTurboTTS`, `ChatterboxVC`) gets its
+`__init__` wrapped, in that process, to call `accelerate(self)` after the original constructor.
+Options may be given as JSON in CHATTERBOX_ACCEL_OPTIONS.
 """
 from __future__ import annotations
 
@@ -15,6 +17,13 @@ import os
 logger = logging.getLogger(__name__)
 
 TRUE = ("1", "true", "yes", "on")
+# module -> model class whose constructor is wrapped (chatterbox-tts 0.1.7's four families)
+MODEL_CLASSES = {
+    "chatterbox.tts": "ChatterboxTTS",
+    "chatterbox.mtl_tts": "ChatterboxMultilingualTTS",
+    "chatterbox.tts_turbo": "ChatterboxTurboTTS",
+    "chatterbox.vc": "ChatterboxVC",
+}
 _installed = False
 
 
@@ -28,7 +37,8 @@ def install() -> None:
         return
     import wrapt
 
-    wrapt.register_post_import_hook(_patch_tts_module, "chatterbox.tts")
+    for module_name in MODEL_CLASSES:
+        wrapt.register_post_import_hook(_patch_model_module, module_name)
     _installed = True
 
 
@@ -46,8 +56,10 @@ def _options() -> dict:
     return options
 
 
-def _patch_tts_module(module) -> None:
+def _patch_model_module(module) -> None:
     import wrapt
+
+    class_name = MODEL_CLASSES[module.__name__]
 
     def init_then_accelerate(wrapped, instance, args, kwargs):
         wrapped(*args, **kwargs)
@@ -59,4 +71,4 @@ def _patch_tts_module(module) -> None:
         except Exception as exc:  # the app must still get its (unaccelerated) model
             logger.warning("CHATTERBOX_ACCEL: could not accelerate %s: %s", type(instance).__name__, exc)
 
-    wrapt.wrap_function_wrapper(module, "ChatterboxTTS.__init__", init_then_accelerate)
+    wrapt.wrap_function_wrapper(module, f"{class_name}.__init__", init_then_accelerate)

@@ -3,20 +3,25 @@
 chatterbox re-runs the whole reference pipeline (load, resample, S3 tokenizer, voice encoder,
 CAMPPlus x-vector, mel) on every `generate(audio_prompt_path=...)`. Here the model's
 `prepare_conditionals` is wrapped: the result is cached under the SHA-256 of the file's bytes
-(not its name; a changed file is a new key) plus any extra options (Turbo's `norm_loudness`).
+(not its name; a changed file is a new key) plus any extra options (Turbo's `norm_loudness`,
+its default filled in, so passing the default explicitly or not is the same key).
 Exaggeration only sets `emotion_adv`, so it is applied on every hit and is not part of the key.
+ChatterboxVC's `set_target_voice(wav_fpath)` (S3Gen reference only) is cached the same way.
 The cache is an LRU of `size` entries. `save_voice` / `load_voice` store a voice as a profile
-file tied to the model's conditioning weights by a fingerprint.
+file tied to the model family and its conditioning weights by a fingerprint.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import logging
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
+
+from .families import conditionals_class, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +103,20 @@ class Voice:
     speaker_emb: torch.Tensor
     cond_prompt_speech_tokens: torch.Tensor | None
     gen: dict
+    conds_cls: type | None = None  # the family's Conditionals class (None: chatterbox.tts's)
 
     @classmethod
     def from_conds(cls, conds) -> "Voice":
-        return cls(conds.t3.speaker_emb, conds.t3.cond_prompt_speech_tokens, dict(conds.gen))
+        return cls(conds.t3.speaker_emb, conds.t3.cond_prompt_speech_tokens, dict(conds.gen), type(conds))
 
     def conditionals(self, exaggeration: float, device):
         """Fresh `Conditionals`, built as chatterbox's `prepare_conditionals` builds them."""
         from chatterbox.models.t3.modules.cond_enc import T3Cond
-        from chatterbox.tts import Conditionals
+
+        if self.conds_cls is not None:
+            Conditionals = self.conds_cls
+        else:
+            from chatterbox.tts import Conditionals
 
         t3_cond = T3Cond(
             speaker_emb=self.speaker_emb,
@@ -145,7 +155,10 @@ class CachedPrepareConditionals:
         self.cache = cache
 
     def __call__(self, wrapped, instance, args, kwargs):
-        wav_fpath, exaggeration, extra = _split_args(args, kwargs)
+        try:
+            wav_fpath, exaggeration, extra = _split_args(args, kwargs, wrapped)
+        except TypeError:
+            return wrapped(*args, **kwargs)  # arguments the original does not take: its own error
         path = check_reference_audio(wav_fpath)
         key = (file_sha256(path), tuple(sorted(extra.items())))
         voice = self.cache.get(key)
@@ -158,25 +171,87 @@ class CachedPrepareConditionals:
         return None
 
 
-def _split_args(args, kwargs):
+class CachedSetTargetVoice:
+    """wrapt wrapper for ChatterboxVC's `set_target_voice(wav_fpath)`: the S3Gen reference dict
+    (`embed_ref` of the first 10 s) is a function of the audio bytes and S3Gen's weights only,
+    so a hit sets a fresh copy of the cached dict, exactly what the original would compute."""
+
+    def __init__(self, cache: VoiceCache):
+        self.cache = cache
+
+    def __call__(self, wrapped, instance, args, kwargs):
+        try:
+            bound = inspect.signature(wrapped).bind(*args, **kwargs)
+        except (TypeError, ValueError):
+            return wrapped(*args, **kwargs)
+        path = check_reference_audio(bound.arguments["wav_fpath"])
+        key = (file_sha256(path), "set_target_voice")
+        voice = self.cache.get(key)
+        if voice is None:
+            self.cache.misses += 1
+            wrapped(str(path))
+            self.cache.put(key, Voice(None, None, dict(instance.ref_dict)))
+            return None
+        instance.ref_dict = dict(voice.gen)
+        return None
+
+
+def _split_args(args, kwargs, fn=None):
+    """(wav_fpath, exaggeration, extra options) of a prepare_conditionals call; with `fn`, the
+    extra options get `fn`'s defaults filled in (TypeError when `fn` cannot take the call)."""
+    if fn is not None:
+        signature = _signature(fn)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        kwargs, args = {}, ()
+        for name, value in bound.arguments.items():
+            kind = signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                kwargs.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise TypeError("extra positional arguments")
+            else:
+                kwargs[name] = value
     kwargs = dict(kwargs)
     if args:
         kwargs.setdefault("wav_fpath", args[0])
         if len(args) > 1:
             kwargs.setdefault("exaggeration", args[1])
+    if "wav_fpath" not in kwargs:
+        raise TypeError("no wav_fpath argument")
     wav_fpath = kwargs.pop("wav_fpath")
     exaggeration = kwargs.pop("exaggeration", 0.5)
     return wav_fpath, exaggeration, kwargs
 
 
+def _signature(fn) -> inspect.Signature:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(str(exc)) from None
+
+
+def _default_options(model) -> tuple:
+    """The cache-key options of a default `model.prepare_conditionals(path)` call."""
+    try:
+        _, _, extra = _split_args(("<path>",), {}, model.prepare_conditionals)
+    except TypeError:
+        return ()
+    return tuple(sorted(extra.items()))
+
+
 # ---- voice profiles ------------------------------------------------------------------------------
 def save_voice(model, audio_path, profile_path) -> Path:
     """Compute (or reuse) the conditionals of `audio_path` and store them in `profile_path`."""
+    family = _profile_family(model)
     audio_path = check_reference_audio(audio_path)
     model.prepare_conditionals(str(audio_path))
     voice = Voice.from_conds(model.conds)
     payload = {
         "format": PROFILE_FORMAT,
+        "family": family,
+        "options": _default_options(model),
         "model_fingerprint": model_fingerprint(model),
         "audio_sha256": file_sha256(audio_path),
         "speaker_emb": voice.speaker_emb.cpu(),
@@ -201,6 +276,13 @@ def load_voice(model, profile_path, exaggeration: float = 0.5) -> None:
     if not isinstance(payload, dict) or payload.get("format") != PROFILE_FORMAT:
         raise ValueError(f"{str(profile_path)!r} is not a chatterbox_accel voice profile "
                          f"(expected format {PROFILE_FORMAT!r})")
+    family = _profile_family(model)
+    saved_family = payload.get("family", "english")  # profiles from before families were recorded
+    if saved_family != family:
+        raise ValueError(f"voice profile {str(profile_path)!r} was made with a {saved_family} model "
+                         f"({_FAMILY_CLASS.get(saved_family, saved_family)}), but this model is {family} "
+                         f"({type(model).__name__}): voice conditioning is not shared across model "
+                         "families; re-create the profile with save_voice() on this model")
     expected = model_fingerprint(model)
     if payload["model_fingerprint"] != expected:
         raise ValueError(f"voice profile {str(profile_path)!r} was made with a different model "
@@ -209,11 +291,25 @@ def load_voice(model, profile_path, exaggeration: float = 0.5) -> None:
     device = model.device
     gen = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in payload["gen"].items()}
     tokens = payload["cond_prompt_speech_tokens"]
-    voice = Voice(payload["speaker_emb"].to(device), None if tokens is None else tokens.to(device), gen)
+    voice = Voice(payload["speaker_emb"].to(device), None if tokens is None else tokens.to(device), gen,
+                  conditionals_class(model))
     model.conds = voice.conditionals(exaggeration, device)
     cache = _cache_of(model)
     if cache is not None:
-        cache.put((payload["audio_sha256"], ()), voice)
+        cache.put((payload["audio_sha256"], tuple(payload.get("options", ()))), voice)
+
+
+_FAMILY_CLASS = {"english": "ChatterboxTTS", "multilingual": "ChatterboxMultilingualTTS",
+                 "turbo": "ChatterboxTurboTTS", "vc": "ChatterboxVC"}
+
+
+def _profile_family(model) -> str:
+    """The model's family for a voice profile; VC (no T3 conditionals) gets a clear error."""
+    family = family_of(model) or "english"
+    if family == "vc":
+        raise ValueError("voice profiles store T3 and S3Gen conditionals of a TTS model; ChatterboxVC has "
+                         "no T3 and is not supported: its set_target_voice() is cached by accelerate() instead")
+    return family
 
 
 def _cache_of(model) -> VoiceCache | None:

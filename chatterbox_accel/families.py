@@ -1,0 +1,86 @@
+"""The model classes chatterbox-tts 0.1.7 ships, and what `accelerate()` can do for each.
+
+| family | class | T3 backbone | voice method |
+|---|---|---|---|
+| english | chatterbox.tts.ChatterboxTTS | Llama 520M | prepare_conditionals |
+| multilingual | chatterbox.mtl_tts.ChatterboxMultilingualTTS | Llama 520M + alignment analyzer | prepare_conditionals |
+| turbo | chatterbox.tts_turbo.ChatterboxTurboTTS | GPT-2 medium (`inference_turbo`) | prepare_conditionals |
+| vc | chatterbox.vc.ChatterboxVC | none | set_target_voice |
+
+Nothing here imports chatterbox modules the app has not imported itself: a model can only be
+an instance of a class whose module is already loaded.
+"""
+from __future__ import annotations
+
+import sys
+
+FAMILY_CLASSES = {
+    "english": ("chatterbox.tts", "ChatterboxTTS"),
+    "multilingual": ("chatterbox.mtl_tts", "ChatterboxMultilingualTTS"),
+    "turbo": ("chatterbox.tts_turbo", "ChatterboxTurboTTS"),
+    "vc": ("chatterbox.vc", "ChatterboxVC"),
+}
+
+T3_FALLBACKS = {
+    "multilingual": (
+        "multilingual T3 keeps the original T3.inference: its decoding runs chatterbox's "
+        "AlignmentStreamAnalyzer (attention of layers 9/12/13 read every step to hold back or force "
+        "EOS), which the fast decode loop does not implement yet"),
+    "turbo": (
+        "Turbo's T3 is a GPT-2 decoded by T3.inference_turbo (no CFG, top-k, GPT-2 positions); "
+        "the fast decode loop is built for the Llama T3 only, so inference_turbo stays original"),
+    "vc": "ChatterboxVC has no T3 (its speech tokens come from the source audio); voice side only",
+}
+
+
+def family_of(model) -> str | None:
+    """"english", "multilingual", "turbo", "vc", or None for something else.
+
+    Chatterbox's own classes (and subclasses) are recognised by class; any other object
+    with a chatterbox T3 by that T3 (GPT-2: turbo, 2454 text ids: multilingual, else english)."""
+    for name, (module_name, class_name) in FAMILY_CLASSES.items():
+        module = sys.modules.get(module_name)
+        cls = getattr(module, class_name, None) if module is not None else None
+        if cls is not None and isinstance(model, cls):
+            return name
+    t3 = getattr(model, "t3", None)
+    t3_module = sys.modules.get("chatterbox.models.t3.t3")
+    if t3_module is not None and isinstance(t3, t3_module.T3):
+        if getattr(t3, "is_gpt", False):
+            return "turbo"
+        return "multilingual" if t3.hp.is_multilingual else "english"
+    return None
+
+
+def t3_fallback_reason(model) -> str | None:
+    """Why the fast T3 decode loop is not used for `model` (None when it is). Decided by the
+    T3 itself, so a wrapper class holding a GPT-2 or multilingual T3 is treated alike."""
+    t3 = getattr(model, "t3", None)
+    if t3 is None:
+        return T3_FALLBACKS["vc"]
+    if getattr(t3, "is_gpt", False):
+        return T3_FALLBACKS["turbo"]
+    if t3.hp.is_multilingual:
+        return T3_FALLBACKS["multilingual"]
+    return None
+
+
+def voice_method_of(model) -> str | None:
+    """The method that turns a reference audio file into the model's voice conditioning."""
+    name = "set_target_voice" if family_of(model) == "vc" else "prepare_conditionals"
+    return name if callable(getattr(model, name, None)) else None
+
+
+def conditionals_class(model):
+    """The `Conditionals` dataclass of the model's own module (each family defines its own,
+    with the same fields); chatterbox.tts's for anything else."""
+    conds = getattr(model, "conds", None)
+    if conds is not None and hasattr(conds, "t3") and hasattr(conds, "gen"):
+        return type(conds)
+    for klass in type(model).__mro__:
+        cls = getattr(sys.modules.get(klass.__module__), "Conditionals", None)
+        if cls is not None:
+            return cls
+    from chatterbox.tts import Conditionals
+
+    return Conditionals
