@@ -1,8 +1,9 @@
 """`generate_stream()`: audio chunks while T3 is still decoding.
 
 Per chunk:
-1. T3 yields a block of speech tokens (the fast runner's `token_blocks`; a model without the fast
-   path decodes the whole utterance first and is streamed from there).
+1. T3 yields a block of speech tokens: the English fast runner's `token_blocks`, while it decodes.
+   Other models (Multilingual, Turbo, English without the fast path) run their own `generate()`
+   up to the point it would call S3Gen, and the tokens it would synthesize are streamed.
 2. S3Gen's flow runs on the voice prompt + up to `context_tokens` earlier tokens + the new ones.
    Its noise is drawn once per stream and indexed by absolute frame, so a frame's noise never
    changes between chunks (and equals the one-shot's under the same seed). Until the last chunk
@@ -23,6 +24,7 @@ stitched audio matches vocoding the streamed mel in one pass to within the cross
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -40,9 +42,9 @@ SAMPLES_PER_FRAME = 480      # S3Gen: 24 kHz audio, 50 mel frames per second
 VOCODER_CONTEXT = 8          # mel frames of left context for each HiFT window
 HOLD = 4                     # mel frames held back per chunk and cross-faded into the next
 WATERMARK_CONTEXT = 24000    # samples of sent audio the watermarker sees before each new chunk
-STREAM_OPTIONS = ("repetition_penalty", "min_p", "top_p", "audio_prompt_path", "exaggeration",
-                  "cfg_weight", "temperature", "max_new_tokens", "chunk_size", "first_chunk_size",
-                  "context_tokens", "watermark")
+# generate_stream()'s own options (the rest are the model's generate() options)
+STREAM_DEFAULTS = dict(max_new_tokens=1000, chunk_size=25, first_chunk_size=None, context_tokens=100,
+                       watermark=True)
 
 
 @dataclass
@@ -224,66 +226,93 @@ class S3GenStreamer:
 
 
 # ---- the generator ----------------------------------------------------------------------------
-def generate_stream(model, text, *, repetition_penalty=1.2, min_p=0.05, top_p=1.0,
-                    audio_prompt_path=None, exaggeration=0.5, cfg_weight=0.5, temperature=0.8,
-                    max_new_tokens=1000, chunk_size=25, first_chunk_size=None, context_tokens=100,
-                    watermark=True, **unknown):
-    """Stream `model.generate(text, ...)`: yields `(audio_chunk, StreamMetrics)`, the chunk a 1-D
-    float tensor at `model.sr`. Same options as `generate()`, plus `max_new_tokens`,
-    `chunk_size` (speech tokens per chunk; 25 = 1 s of audio), `first_chunk_size` (default
-    min(chunk_size, 12): a small first chunk starts playback early), `context_tokens` (earlier
-    tokens S3Gen re-reads per chunk; None = all) and `watermark`.
+def generate_stream(model, text, **options):
+    """Stream `model.generate(text, **options)`: yields `(audio_chunk, StreamMetrics)`, the chunk
+    a 1-D float tensor at `model.sr`. Takes the model's own `generate()` options (English,
+    Multilingual with `language_id`, Turbo), plus:
+      max_new_tokens   T3 limit (English fast path; other models keep generate()'s own limit)
+      chunk_size       speech tokens per chunk (25 = 1 s of audio), default 25
+      first_chunk_size a smaller first chunk starts playback early, default min(chunk_size, 12)
+      context_tokens   earlier tokens S3Gen re-reads per chunk (None: all), default 100
+      watermark        default True, as generate()
 
     Arguments are checked now; the work starts at the first `next()`. Closing the generator
     early (break) frees its state and leaves the model usable.
     """
+    why = stream_unsupported(model)
+    if why:
+        raise TypeError(f"generate_stream(): {why}")
+    accepted = _generate_options(model)
+    unknown = sorted(set(options) - set(accepted) - set(STREAM_DEFAULTS))
     if unknown:
-        raise TypeError(f"generate_stream() got unknown option(s) {sorted(unknown)}; "
-                        f"valid options: {', '.join(STREAM_OPTIONS)}")
+        raise TypeError(f"generate_stream() got unknown option(s) {unknown}; {type(model).__name__} "
+                        f"takes: {', '.join(list(accepted) + list(STREAM_DEFAULTS))}")
+    stream = {k: options.pop(k, v) for k, v in STREAM_DEFAULTS.items()}
     if not isinstance(text, str) or not text.strip():
         raise ValueError("text is empty: pass the sentence to speak, e.g. generate_stream(model, 'Hello.')")
-    for name, value in (("chunk_size", chunk_size), ("first_chunk_size", first_chunk_size),
-                        ("context_tokens", context_tokens)):
+    for name in ("chunk_size", "first_chunk_size", "context_tokens"):
+        value = stream[name]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1 (speech tokens; 25 per second of "
                              f"audio), got {value!r}")
-    why = stream_unsupported(model)
-    if why:
-        raise (TypeError if why.startswith("not") else NotImplementedError)(f"generate_stream(): {why}")
-    from .t3.patch import check_lengths
+    if _is_english(model):
+        from .t3.patch import check_lengths
 
-    check_lengths(model.t3.hp, torch.zeros(1, 2), max_new_tokens)
-    if audio_prompt_path is not None:
+        check_lengths(model.t3.hp, torch.zeros(1, 2), stream["max_new_tokens"])
+    elif stream["max_new_tokens"] != STREAM_DEFAULTS["max_new_tokens"]:
+        raise ValueError(f"max_new_tokens applies to English ChatterboxTTS; {type(model).__name__} "
+                         f"keeps its generate()'s own limit: drop the option")
+    missing = [name for name, default in accepted.items() if default is _REQUIRED and name not in options]
+    if missing:
+        raise TypeError(f"generate_stream() needs {missing} for {type(model).__name__}, as generate() does")
+    _check_language(model, options.get("language_id"))
+    if options.get("audio_prompt_path") is not None:
         from .voice import check_reference_audio
 
-        check_reference_audio(audio_prompt_path)
+        check_reference_audio(options["audio_prompt_path"])
     elif getattr(model, "conds", None) is None:
         raise ValueError("no voice: pass audio_prompt_path or call model.prepare_conditionals() first")
-    options = dict(repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p,
-                   cfg_weight=cfg_weight, temperature=temperature)
-    return _stream(model, text, options, audio_prompt_path, exaggeration, max_new_tokens,
-                   chunk_size, first_chunk_size or min(chunk_size, 12), context_tokens, watermark)
+    stream["first_chunk_size"] = stream["first_chunk_size"] or min(stream["chunk_size"], 12)
+    return _stream(model, text, options, **stream)
 
 
 def stream_unsupported(model) -> str | None:
     """Why `generate_stream()` cannot serve `model` (None when it can)."""
-    from chatterbox.models.t3 import T3
-
-    if not (isinstance(getattr(model, "t3", None), T3) and hasattr(model, "s3gen")):
-        return f"not a Chatterbox TTS model: {type(model).__name__}"
-    if model.t3.hp.is_multilingual or not hasattr(getattr(model, "tokenizer", None), "text_to_tokens"):
-        return (f"{type(model).__name__} is not streamed in this release (English ChatterboxTTS "
-                f"is); use generate()")
+    if not (hasattr(model, "t3") and hasattr(model, "s3gen") and callable(getattr(model, "generate", None))):
+        return f"needs a Chatterbox text-to-speech model (.t3, .s3gen, .generate), got {type(model).__name__}"
     return None
 
 
-def _stream(model, text, options, audio_prompt_path, exaggeration, max_new_tokens, chunk_size,
-            first_chunk_size, context_tokens, watermark):
+_REQUIRED = object()
+
+
+def _generate_options(model) -> dict:
+    """generate()'s keyword options (name -> default, `_REQUIRED` when it has none), minus text."""
+    params = list(inspect.signature(model.generate).parameters.values())[1:]  # drop `text`
+    return {p.name: (_REQUIRED if p.default is p.empty else p.default) for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _is_english(model) -> bool:
+    hp = getattr(model.t3, "hp", None)
+    return (hp is not None and not hp.is_multilingual and hp.llama_config_name != "GPT2_medium"
+            and hasattr(getattr(model, "tokenizer", None), "text_to_tokens"))
+
+
+def _check_language(model, language_id) -> None:
+    if language_id is None or not getattr(model.t3.hp, "is_multilingual", False):
+        return
+    from chatterbox.mtl_tts import SUPPORTED_LANGUAGES
+
+    if str(language_id).lower() not in SUPPORTED_LANGUAGES:
+        raise ValueError(f"unsupported language_id {language_id!r}; supported: {', '.join(SUPPORTED_LANGUAGES)}")
+
+
+def _stream(model, text, options, *, max_new_tokens, chunk_size, first_chunk_size, context_tokens,
+            watermark):
     start = time.perf_counter()
-    text_tokens = _prepare(model, text, audio_prompt_path, exaggeration, options["cfg_weight"])
-    streamer = S3GenStreamer(model.s3gen, model.conds.gen, max_new_tokens, context_tokens=context_tokens,
-                             watermarker=model.watermarker if watermark else None, sample_rate=model.sr)
-    blocks = _token_blocks(model, text_tokens, options, max_new_tokens, first_chunk_size, chunk_size)
+    blocks, max_tokens = _token_source(model, text, options, max_new_tokens, first_chunk_size, chunk_size)
+    streamer = None
     index = samples = n_tokens = 0
     t3_seconds, first = 0.0, None
     try:
@@ -292,7 +321,11 @@ def _stream(model, text, options, audio_prompt_path, exaggeration, max_new_token
             ids, final = next(blocks)
             t3_seconds += time.perf_counter() - t
             n_tokens += ids.numel()
-            audio = streamer.push(ids[ids < SPEECH_VOCAB], final)
+            if streamer is None:  # after the first block: Multilingual/Turbo know the length now
+                streamer = S3GenStreamer(model.s3gen, model.conds.gen, max_tokens(), context_tokens=context_tokens,
+                                         watermarker=model.watermarker if watermark else None,
+                                         sample_rate=model.sr)
+            audio = streamer.push(ids, final)
             if audio.numel() == 0 and not final:
                 continue
             now = time.perf_counter()
@@ -305,6 +338,75 @@ def _stream(model, text, options, audio_prompt_path, exaggeration, max_new_token
                 return
     finally:
         blocks.close()
+
+
+def _token_source(model, text, options, max_new_tokens, first_block, block):
+    """(blocks of (ids, final), a callable giving the most tokens there can be)."""
+    from .api import fast_inference_of
+
+    fast = fast_inference_of(model) if _is_english(model) else None
+    if fast is not None and fast.disabled is None:
+        return _fast_blocks(model, fast, text, options, max_new_tokens, first_block, block), lambda: max_new_tokens
+    box = {}
+    return _generate_blocks(model, text, options, first_block, block, box), lambda: box["n"]
+
+
+def _fast_blocks(model, fast, text, options, max_new_tokens, first_block, block):
+    """The English fast runner, block by block while it decodes; the original path if it fails
+    before the first block."""
+    opts = {**_generate_options(model), **options}
+    text_tokens = _prepare(model, text, opts["audio_prompt_path"], opts["exaggeration"], opts["cfg_weight"])
+    t3_opts = {k: opts[k] for k in ("repetition_penalty", "min_p", "top_p", "cfg_weight", "temperature")}
+    blocks = fast.stream(dict(t3_opts, t3_cond=model.conds.t3, text_tokens=text_tokens,
+                              max_new_tokens=max_new_tokens), first_block, block)
+    try:
+        ids, final = next(blocks)
+    except Exception as exc:  # nothing streamed yet: the original T3 can still answer
+        fast.disabled = f"{type(exc).__name__}: {exc}"
+        logger.warning("chatterbox_accel: fast T3 decode failed (%s); this model now uses the "
+                       "original T3.inference", fast.disabled)
+        yield from _generate_blocks(model, text, options, first_block, block, {})
+        return
+    while True:
+        yield ids[ids < SPEECH_VOCAB], final  # generate() drops EOS and any other special id
+        if final:
+            return
+        ids, final = next(blocks)
+
+
+class _Captured(Exception):
+    pass
+
+
+def _generate_blocks(model, text, options, first_block, block, box):
+    """Run the model's own generate() up to its S3Gen call, then serve the speech tokens it would
+    have synthesized, in blocks. `box["n"]` receives their number."""
+    captured = {}
+
+    def capture(speech_tokens, *args, **kwargs):
+        captured["tokens"] = speech_tokens
+        raise _Captured
+
+    s3gen = model.s3gen
+    previous = s3gen.__dict__.get("inference")
+    s3gen.__dict__["inference"] = capture  # an instance attribute shadows the method for this call
+    try:
+        model.generate(text, **options)
+    except _Captured:
+        pass
+    finally:
+        if previous is None:
+            del s3gen.__dict__["inference"]
+        else:
+            s3gen.__dict__["inference"] = previous
+    ids = torch.atleast_1d(captured["tokens"].view(-1))
+    box["n"] = ids.numel()
+    start, size = 0, first_block
+    while True:
+        yield ids[start : start + size], start + size >= ids.numel()
+        if start + size >= ids.numel():
+            return
+        start, size = start + size, block
 
 
 def _prepare(model, text, audio_prompt_path, exaggeration, cfg_weight):
@@ -324,34 +426,3 @@ def _prepare(model, text, audio_prompt_path, exaggeration, cfg_weight):
         text_tokens = torch.cat([text_tokens, text_tokens], dim=0)
     text_tokens = F.pad(text_tokens, (1, 0), value=model.t3.hp.start_text_token)
     return F.pad(text_tokens, (0, 1), value=model.t3.hp.stop_text_token)
-
-
-def _token_blocks(model, text_tokens, options, max_new_tokens, first_block, block):
-    """(ids, final) pairs: from the fast runner while it decodes, else from one original call."""
-    from .api import fast_inference_of
-
-    fast = fast_inference_of(model)
-    if fast is not None and fast.disabled is None:
-        blocks = fast.stream(dict(options, t3_cond=model.conds.t3, text_tokens=text_tokens,
-                                  max_new_tokens=max_new_tokens), first_block, block)
-        try:
-            first = next(blocks)
-        except Exception as exc:  # nothing streamed yet: the original T3 can still answer
-            fast.disabled = f"{type(exc).__name__}: {exc}"
-            logger.warning("chatterbox_accel: fast T3 decode failed (%s); this model now uses the "
-                           "original T3.inference", fast.disabled)
-        else:
-            yield first
-            yield from blocks
-            return
-    with torch.inference_mode():
-        ids = model.t3.inference(t3_cond=model.conds.t3, text_tokens=text_tokens,
-                                 max_new_tokens=max_new_tokens, **options)[0]
-    stop = (ids == model.t3.hp.stop_speech_token).nonzero()
-    ids = ids[: int(stop[0, 0])] if stop.numel() else ids
-    start, size = 0, first_block
-    while True:
-        yield ids[start : start + size], start + size >= ids.numel()
-        if start + size >= ids.numel():
-            return
-        start, size = start + size, block
