@@ -6,6 +6,7 @@ failed check reverts every patch, so a model is never left half-patched.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -17,6 +18,7 @@ from .check import CheckResult, probe_inputs, run_output_check
 from .config import AccelConfig
 from .families import family_of, t3_fallback_reason, voice_method_of
 from .patching import drop_registry, get_registry
+from .stream import generate_stream, stream_unsupported
 from .t3.decode import T3Runner
 from .t3.graphs import install_step
 from .t3.model import make_flash_attention, sdpa_attention
@@ -97,6 +99,9 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
                 report.check = run_output_check(
                     t3, runner, _builtin_t3_conds(model), steps=cfg.check_steps,
                     tolerance=cfg.resolved_tolerance())
+        if stream_unsupported(model) is None:
+            registry.set_attr(model, "generate_stream", functools.partial(generate_stream, model))
+            report.applied.append("generate_stream")
     except BaseException:
         restore(model)
         raise
@@ -120,6 +125,12 @@ def restore(model) -> None:
 def is_accelerated(model) -> bool:
     registry = get_registry(model)
     return registry is not None and len(registry) > 0
+
+
+def fast_inference_of(model) -> FastInference | None:
+    """The fast `T3.inference` wrapper installed on `model`, if any."""
+    registry = get_registry(model)
+    return None if registry is None else registry.state.get("t3_inference")
 
 
 def runner_of(model) -> T3Runner | None:
