@@ -9,6 +9,7 @@ import torch
 
 from chatterbox_accel.checkpoints import ENGLISH_FILES, english_vocab, tiny_t3
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP = textwrap.dedent("""
     import sys
     from chatterbox.tts import ChatterboxTTS
@@ -21,6 +22,9 @@ def run_app(tmp_path, ckpt_dir, **env):
     app = tmp_path / "app.py"
     app.write_text(APP)  # never imports chatterbox_accel
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CHATTERBOX_ACCEL")}
+    # The .pth hook imports chatterbox_accel at start-up: from this working tree, not from a
+    # possibly older `pip install .` copy in site-packages.
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, environ.get("PYTHONPATH")]))
     environ.update(env)
     proc = subprocess.run([sys.executable, str(app), str(ckpt_dir)], capture_output=True, text=True,
                           env=environ, cwd=tmp_path, timeout=600)

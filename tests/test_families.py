@@ -1,0 +1,332 @@
+"""accelerate()/restore()/CHATTERBOX_ACCEL=1 on the other model classes of chatterbox-tts 0.1.7:
+ChatterboxMultilingualTTS, ChatterboxTurboTTS and ChatterboxVC, each loaded by its own
+`from_local` from a full-size random checkpoint in its official file layout.
+
+What accelerate() applies to them today is the voice-conditioning cache; their T3 decoding
+stays original (reported in report.fallbacks["t3"]). So parity here means: generate() of the
+accelerated model, on a voice-cache hit, gives the original's audio bit for bit.
+
+The checkpoints (~3 GB each) are written once per session into a temporary folder, or reused
+from $CHATTERBOX_ACCEL_TEST_FAMILIES_DIR when that is set (the writers skip a folder that is
+complete with the same settings). Models are class-scoped, so one family is in memory at a time.
+"""
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatterbox_accel import accelerate, is_accelerated, load_voice, restore, save_voice
+from chatterbox_accel.checkpoints import (
+    MULTILINGUAL_FILES, TURBO_FILES, TURBO_TEXT_VOCAB, VC_FILES, synthetic_voice,
+    write_multilingual_checkpoint, write_turbo_checkpoint, write_vc_checkpoint, write_tokenizer,
+)
+from chatterbox_accel.patching import get_registry
+from chatterbox_accel.voice import PROFILE_FORMAT, model_fingerprint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MTL_STOP_AFTER = 4  # speech tokens; the alignment analyzer may add or cut a few
+TURBO_STOP_AFTER = 6  # text + speech tokens (GPT-2 has absolute positions only): "Hi." -> ~4 speech tokens
+TURBO_PROMPT_TOKENS = 150  # ... for a 150-token voice prompt: the built-in one and a 6 s reference
+
+
+# ---- checkpoints and audio ---------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def families_dir(tmp_path_factory):
+    base = os.environ.get("CHATTERBOX_ACCEL_TEST_FAMILIES_DIR")
+    return Path(base) if base else tmp_path_factory.mktemp("ckpt-families")
+
+
+@pytest.fixture(scope="session")
+def mtl_ckpt(families_dir):
+    return write_multilingual_checkpoint(families_dir / "multilingual", stop_after=MTL_STOP_AFTER, voice_seconds=3.0)
+
+
+@pytest.fixture(scope="session")
+def turbo_ckpt(families_dir):
+    return write_turbo_checkpoint(families_dir / "turbo", stop_after=TURBO_STOP_AFTER, voice_seconds=3.0,
+                                  prompt_tokens=TURBO_PROMPT_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def vc_ckpt(families_dir):
+    return write_vc_checkpoint(families_dir / "vc", voice_seconds=3.0)
+
+
+def write_wav(path, seconds, seed):
+    import soundfile as sf
+
+    sf.write(str(path), synthetic_voice(seconds, seed=seed).numpy(), 24000)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def audio(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("family-audio")
+    # Turbo's prepare_conditionals asserts more than 5 s of reference audio (6 s: 150 prompt
+    # tokens, where the turbo test checkpoint stops); the others get 2 s (less S3Gen work).
+    return {"turbo_ref": write_wav(folder / "ref6.wav", 6.0, seed=5), "ref": write_wav(folder / "ref2.wav", 2.0, seed=5),
+            "src": write_wav(folder / "src.wav", 1.0, seed=3), "folder": folder}
+
+
+@contextlib.contextmanager
+def pkuseg_unavailable():
+    """MTLTokenizer builds spacy_pkuseg's segmenter, which downloads its model from GitHub and
+    raises offline; upstream already handles `ImportError` (no Chinese segmentation), so the
+    import is made to fail while the tokenizer is built. Chinese is not used here."""
+    saved = sys.modules.get("spacy_pkuseg", "absent")
+    sys.modules["spacy_pkuseg"] = None
+    try:
+        yield
+    finally:
+        if saved == "absent":
+            sys.modules.pop("spacy_pkuseg", None)
+        else:
+            sys.modules["spacy_pkuseg"] = saved
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+MODULES = ("t3", "s3gen", "ve")
+METHODS = {"t3": ("inference", "inference_turbo", "forward"),
+           "model": ("generate", "prepare_conditionals", "set_target_voice")}
+
+
+def snapshot(model):
+    """Everything restore() must put back: each weight tensor (same storage, no in-place write:
+    `_version` counts them), the instance attributes, and which function each method is."""
+    parts = {name: getattr(model, name) for name in MODULES if getattr(model, name, None) is not None}
+    weights = {f"{p}.{k}": (v.data_ptr(), v._version, v.dtype, tuple(v.shape))
+               for p, module in parts.items() for k, v in module.state_dict().items()}
+    objects = {"model": model, **parts}
+    attrs = {name: sorted(obj.__dict__) for name, obj in objects.items()}
+    methods = {}
+    for owner, names in METHODS.items():
+        obj = objects.get(owner)
+        for name in names:
+            if obj is not None and hasattr(obj, name):
+                bound = getattr(obj, name)
+                methods[f"{owner}.{name}"] = (name in obj.__dict__, getattr(bound, "__func__", bound))
+    return {"weights": weights, "attrs": attrs, "methods": methods}
+
+
+def assert_no_t3_patch(model):
+    t3 = getattr(model, "t3", None)
+    if t3 is not None:
+        assert not {"inference", "inference_turbo"} & set(t3.__dict__)
+
+
+def cache_of(model):
+    return get_registry(model).state["voice_cache"]
+
+
+def generate(model, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return model.generate(**kwargs)
+
+
+# ---- multilingual -----------------------------------------------------------------------------
+@pytest.fixture(scope="class")
+def mtl(mtl_ckpt):
+    from chatterbox.mtl_tts import ChatterboxMultilingualTTS
+
+    with pkuseg_unavailable():
+        model = ChatterboxMultilingualTTS.from_local(mtl_ckpt, "cpu")
+    yield model
+    restore(model)
+
+
+class TestMultilingual:
+    def test_loads_with_upstream_from_local(self, mtl, mtl_ckpt):
+        assert all((mtl_ckpt / name).exists() for name in MULTILINGUAL_FILES)
+        assert mtl.t3.hp.is_multilingual and not mtl.t3.is_gpt and mtl.conds is not None
+        ids = mtl.tokenizer.text_to_tokens("Hi.", language_id="en")[0].tolist()
+        vocab = mtl.tokenizer.tokenizer.get_vocab()
+        assert ids[0] == vocab["[en]"] and max(vocab.values()) < 2454 and vocab["[UNK]"] not in ids
+
+    def test_accelerate_generate_parity_and_exact_restore(self, mtl, audio):
+        text = dict(text="Hi.", language_id="en", audio_prompt_path=audio["ref"])
+        reference = generate(mtl, **text)  # original code, conditionals computed from the file
+        assert reference.ndim == 2 and 0 < reference.shape[1] < 24000 * 2  # stopped early
+        before = snapshot(mtl)
+
+        report = accelerate(mtl)
+        assert report.ok and is_accelerated(mtl)
+        assert "voice_cache" in report.applied and not [a for a in report.applied if a.startswith("t3")]
+        assert "AlignmentStreamAnalyzer" in report.fallbacks["t3"] and report.check is None
+        assert "fallback  t3:" in str(report)
+        assert_no_t3_patch(mtl)
+
+        mtl.prepare_conditionals(audio["ref"])  # miss: the original runs and is cached
+        mtl.prepare_conditionals(audio["ref"], exaggeration=0.7)  # hit: same audio, new exaggeration
+        assert (cache_of(mtl).misses, cache_of(mtl).hits) == (1, 1)
+        assert float(mtl.conds.t3.emotion_adv) == pytest.approx(0.7)
+        assert type(mtl.conds).__module__ == "chatterbox.mtl_tts"
+
+        accelerated = generate(mtl, **text)  # a cache hit inside generate()
+        assert cache_of(mtl).hits == 2
+        assert torch.equal(accelerated, reference)
+
+        restore(mtl)
+        assert not is_accelerated(mtl) and snapshot(mtl) == before
+
+    def test_voice_profile_is_refused_by_another_family(self, mtl, audio, tmp_path):
+        from chatterbox.models.tokenizers import EnTokenizer
+        from chatterbox.tts import ChatterboxTTS
+
+        from chatterbox_accel.checkpoints import tiny_t3
+
+        profile = save_voice(mtl, audio["ref"], tmp_path / "mtl.voice.pt")
+        load_voice(mtl, profile, exaggeration=0.6)  # its own family: fine
+        assert type(mtl.conds).__module__ == "chatterbox.mtl_tts"
+
+        # An English model with the multilingual model's own voice encoder and S3Gen (as the
+        # official repos ship them): the weight fingerprint matches, the family does not.
+        write_tokenizer(tmp_path / "tokenizer.json")
+        english = ChatterboxTTS(tiny_t3(layers=1), mtl.s3gen, mtl.ve,
+                                EnTokenizer(str(tmp_path / "tokenizer.json")), "cpu")
+        assert model_fingerprint(english) == model_fingerprint(mtl)
+        with pytest.raises(ValueError, match=r"made with a multilingual model.*but this model is english"):
+            load_voice(english, profile)
+
+
+# ---- turbo ------------------------------------------------------------------------------------
+@pytest.fixture(scope="class")
+def turbo(turbo_ckpt):
+    from chatterbox.tts_turbo import ChatterboxTurboTTS
+
+    model = ChatterboxTurboTTS.from_local(turbo_ckpt, "cpu")
+    yield model
+    restore(model)
+
+
+class TestTurbo:
+    def test_loads_with_upstream_from_local(self, turbo, turbo_ckpt):
+        assert all((turbo_ckpt / name).exists() for name in TURBO_FILES)
+        assert turbo.t3.is_gpt and not hasattr(turbo.t3.tfmr, "wte") and turbo.conds is not None
+        assert len(turbo.tokenizer) == TURBO_TEXT_VOCAB and turbo.tokenizer.pad_token is not None
+        assert turbo.t3.hp.speech_cond_prompt_len == 375
+        assert turbo.conds.t3.cond_prompt_speech_tokens.shape[1] == TURBO_PROMPT_TOKENS
+
+    def test_accelerate_generate_parity_and_exact_restore(self, turbo, audio):
+        reference = generate(turbo, text="Hi.", audio_prompt_path=audio["turbo_ref"])
+        assert reference.ndim == 2 and 0 < reference.shape[1] < 24000 * 2  # stopped early
+        before = snapshot(turbo)
+
+        report = accelerate(turbo)
+        assert report.ok and "voice_cache" in report.applied
+        assert not [a for a in report.applied if a.startswith("t3")]
+        assert "GPT-2" in report.fallbacks["t3"] and report.check is None
+        assert_no_t3_patch(turbo)
+
+        # generate() passes norm_loudness=True explicitly; the key fills in the default, so a
+        # plain prepare_conditionals(path) call is the same entry, and norm_loudness=False is not.
+        turbo.prepare_conditionals(audio["turbo_ref"])
+        turbo.prepare_conditionals(audio["turbo_ref"], norm_loudness=False)
+        assert (cache_of(turbo).misses, cache_of(turbo).hits) == (2, 0)
+        accelerated = generate(turbo, text="Hi.", audio_prompt_path=audio["turbo_ref"])
+        assert (cache_of(turbo).misses, cache_of(turbo).hits) == (2, 1)
+        assert torch.equal(accelerated, reference)
+        assert type(turbo.conds).__module__ == "chatterbox.tts_turbo"
+
+        restore(turbo)
+        assert not is_accelerated(turbo) and snapshot(turbo) == before
+
+    def test_upstream_errors_pass_through_the_cache(self, turbo, audio):
+        accelerate(turbo)
+        short = write_wav(audio["folder"] / "short.wav", 3.0, seed=7)
+        with pytest.raises(AssertionError, match="longer than 5 seconds"):
+            turbo.prepare_conditionals(short)
+        restore(turbo)
+
+    def test_voice_profile_keeps_turbo_options_and_family(self, turbo, audio, tmp_path):
+        accelerate(turbo)
+        profile = save_voice(turbo, audio["turbo_ref"], tmp_path / "turbo.voice.pt")
+        payload = torch.load(profile, weights_only=True)
+        assert payload["family"] == "turbo" and tuple(payload["options"]) == (("norm_loudness", True),)
+
+        accelerate(turbo)  # a fresh, empty cache
+        load_voice(turbo, profile)
+        turbo.prepare_conditionals(audio["turbo_ref"])  # the profile's entry: a hit
+        assert (cache_of(turbo).misses, cache_of(turbo).hits) == (0, 1)
+
+        payload["family"] = "multilingual"
+        torch.save(payload, tmp_path / "other.voice.pt")
+        with pytest.raises(ValueError, match=r"made with a multilingual model .*ChatterboxTurboTTS"):
+            load_voice(turbo, tmp_path / "other.voice.pt")
+        restore(turbo)
+
+
+# ---- voice conversion -------------------------------------------------------------------------
+@pytest.fixture(scope="class")
+def vc(vc_ckpt):
+    from chatterbox.vc import ChatterboxVC
+
+    model = ChatterboxVC.from_local(vc_ckpt, "cpu")
+    yield model
+    restore(model)
+
+
+class TestVC:
+    def test_loads_with_upstream_from_local(self, vc, vc_ckpt):
+        assert sorted(p.name for p in vc_ckpt.iterdir() if p.name in VC_FILES) == sorted(VC_FILES)
+        assert vc.ref_dict is not None and not hasattr(vc, "t3")
+
+    def test_accelerate_generate_parity_and_exact_restore(self, vc, audio):
+        reference = generate(vc, audio=audio["src"], target_voice_path=audio["ref"])
+        assert reference.ndim == 2 and reference.shape[1] > 0
+        before = snapshot(vc)
+
+        report = accelerate(vc)
+        assert report.ok and report.applied == ["voice_cache"] and report.device == "cpu"
+        assert "no T3" in report.fallbacks["t3"] and report.check is None
+        assert "set_target_voice" in vc.__dict__
+
+        vc.set_target_voice(audio["ref"])  # miss
+        accelerated = generate(vc, audio=audio["src"], target_voice_path=audio["ref"])  # hit
+        assert (cache_of(vc).misses, cache_of(vc).hits) == (1, 1)
+        assert torch.equal(accelerated, reference)
+
+        restore(vc)
+        assert not is_accelerated(vc) and snapshot(vc) == before
+
+    def test_voice_profiles_are_refused_clearly(self, vc, audio, tmp_path):
+        with pytest.raises(ValueError, match="ChatterboxVC has no T3"):
+            save_voice(vc, audio["ref"], tmp_path / "vc.voice.pt")
+        torch.save({"format": PROFILE_FORMAT, "family": "english", "model_fingerprint": "0" * 16},
+                   tmp_path / "english.voice.pt")
+        with pytest.raises(ValueError, match="ChatterboxVC has no T3"):
+            load_voice(vc, tmp_path / "english.voice.pt")
+
+    def test_bad_options_and_objects_still_get_clear_errors(self, vc):
+        with pytest.raises(ValueError, match="dtype='bfloat16' needs a GPU"):
+            accelerate(vc, dtype="bfloat16")
+        with pytest.raises(TypeError, match=r"ChatterboxTurboTTS\) or a ChatterboxVC, got object"):
+            accelerate(object())
+        assert not is_accelerated(vc)
+
+
+# ---- CHATTERBOX_ACCEL=1 ------------------------------------------------------------------------
+APP = textwrap.dedent("""
+    import sys
+    from chatterbox.vc import ChatterboxVC
+    model = ChatterboxVC.from_local(sys.argv[1], "cpu")
+    print("PATCHED" if "set_target_voice" in model.__dict__ else "UNPATCHED")
+""")
+
+
+def test_env_toggle_accelerates_vc_in_an_app_that_never_imports_us(tmp_path, vc_ckpt):
+    # (test_entry_points covers the toggle being off; the hook is the same for every family)
+    app = tmp_path / "app.py"
+    app.write_text(APP)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CHATTERBOX_ACCEL")}
+    # The .pth hook imports chatterbox_accel at start-up: from this working tree, not site-packages.
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environ.get("PYTHONPATH")]))
+    environ["CHATTERBOX_ACCEL"] = "1"
+    proc = subprocess.run([sys.executable, str(app), str(vc_ckpt)], capture_output=True, text=True,
+                          env=environ, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "PATCHED"
