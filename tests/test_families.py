@@ -128,6 +128,12 @@ def generate(model, seed=0, **kwargs):
     return model.generate(**kwargs)
 
 
+def stream(model, seed=0, text="Hi.", **kwargs):
+    """generate_stream() under the seed generate() gets: the same T3 tokens."""
+    torch.manual_seed(seed)
+    return model.generate_stream(text, **kwargs)
+
+
 # ---- multilingual -----------------------------------------------------------------------------
 @pytest.fixture(scope="class")
 def mtl(mtl_ckpt):
@@ -191,6 +197,20 @@ class TestMultilingual:
         assert model_fingerprint(english) == model_fingerprint(mtl)
         with pytest.raises(ValueError, match=r"made with a multilingual model.*but this model is english"):
             load_voice(english, profile)
+
+
+    def test_generate_stream_serves_generate_tokens_and_checks_its_options(self, mtl):
+        accelerate(mtl)
+        with pytest.raises(TypeError, match="needs \\['language_id'\\]"):
+            mtl.generate_stream("Hi.")
+        with pytest.raises(ValueError, match="unsupported language_id 'xx'"):
+            mtl.generate_stream("Hi.", language_id="xx")
+        with pytest.raises(TypeError, match="unknown option.*top_k"):
+            mtl.generate_stream("Hi.", language_id="en", top_k=5)  # a Turbo option
+        chunks = list(stream(mtl, text="Hi.", language_id="en", chunk_size=2, first_chunk_size=4))
+        reference = generate(mtl, text="Hi.", language_id="en")
+        assert sum(c.numel() for c, _ in chunks) == reference.shape[1] and chunks[-1][1].final
+        restore(mtl)
 
 
 # ---- turbo ------------------------------------------------------------------------------------
@@ -257,6 +277,19 @@ class TestTurbo:
         torch.save(payload, tmp_path / "other.voice.pt")
         with pytest.raises(ValueError, match=r"made with a multilingual model .*ChatterboxTurboTTS"):
             load_voice(turbo, tmp_path / "other.voice.pt")
+        restore(turbo)
+
+
+    def test_generate_stream_serves_generate_tokens_and_checks_its_options(self, turbo):
+        accelerate(turbo)
+        with pytest.raises(TypeError, match="unknown option.*language_id"):
+            turbo.generate_stream("Hi.", language_id="en")
+        with pytest.raises(ValueError, match="max_new_tokens applies to English"):
+            turbo.generate_stream("Hi.", max_new_tokens=50)
+        chunks = list(stream(turbo, text="Hi.", chunk_size=2, first_chunk_size=4))
+        reference = generate(turbo, text="Hi.")  # its T3 tokens plus 3 silence tokens, meanflow S3Gen
+        assert sum(c.numel() for c, _ in chunks) == reference.shape[1] and chunks[-1][1].final
+        assert len(chunks) >= 2 and all(torch.isfinite(c).all() for c, _ in chunks)
         restore(turbo)
 
 
