@@ -99,8 +99,14 @@ def flow_mel(flow, tokens, ref: dict, noise, finalize: bool, n_timesteps: int, m
     t_span = torch.linspace(0, 1, n_timesteps + 1, device=h.device, dtype=h.dtype)
     z = noise[:, :, :total].to(h.dtype)
     mu = h.transpose(1, 2).contiguous()
-    if meanflow:
-        feat = cfm.basic_euler(z, t_span=t_span, mu=mu, mask=mask, spks=embedding, cond=conds.transpose(1, 2))
+    if meanflow:  # CausalConditionalCFM.basic_euler, without its print and progress bar per call
+        est = cfm.estimator
+        x, cond = z.to(est.dtype), conds.transpose(1, 2).to(est.dtype)
+        mu, mask, spks, t_span = mu.to(est.dtype), mask.to(est.dtype), embedding.to(est.dtype), t_span.to(est.dtype)
+        for t, r in zip(t_span[:-1], t_span[1:]):
+            t, r = t[None], r[None]
+            x = x + (r - t) * est.forward(x, mask=mask, mu=mu, t=t, spks=spks, cond=cond, r=r)
+        feat = x.to(z.dtype)
     else:
         if cfm.t_scheduler == "cosine":
             t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)
@@ -170,9 +176,9 @@ class S3GenStreamer:
         self.sent = window[-WATERMARK_CONTEXT:]
         return self._watermark(window)[-audio.numel():]
 
-    def _excitation(self, f0_frames: torch.Tensor, start: int) -> torch.Tensor:
-        """HiFT's source (SineGen + merge) for frames from `start` on, continuing the phase of
-        the committed source. f0_frames: (1, frames) in Hz."""
+    def _excitation(self, f0_frames: torch.Tensor):
+        """HiFT's source (SineGen + merge) for the frames after the committed ones, continuing
+        the committed source's phase. f0_frames: (1, frames) in Hz. Returns (source, phase steps)."""
         sine = self.hift.m_source.l_sin_gen
         f0 = f0_frames[:, None].repeat_interleave(SAMPLES_PER_FRAME, dim=2)  # (1, 1, L)
         steps = f0 * self.harmonics / sine.sampling_rate
@@ -194,7 +200,7 @@ class S3GenStreamer:
         v0 = max(0, C - VOCODER_CONTEXT)
         mel = self.mel[:, :, v0:total]
         f0 = self.hift.f0_predictor(mel)  # (1, frames)
-        new_source, steps = self._excitation(f0[:, C - v0:], C)
+        new_source, steps = self._excitation(f0[:, C - v0:])
         source = torch.cat([self.source[:, :, v0 * SAMPLES_PER_FRAME:], new_source], dim=2)
         wav = self.hift.decode(x=mel, s=source)[0]  # samples for frames [v0, total)
         trim = self.s3gen.trim_fade

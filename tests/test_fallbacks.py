@@ -90,7 +90,7 @@ def test_fast_path_failure_at_run_time_uses_the_original(tiny_t3, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("injected: out of memory")
 
-    monkeypatch.setattr(runner, "generate", broken)
+    monkeypatch.setattr(runner, "token_blocks", broken)
     fast = tiny_t3.__dict__["inference"]._self_wrapper
     out = run(tiny_t3)
     assert out.shape[0] == 1 and out.shape[1] >= 1

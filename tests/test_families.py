@@ -280,6 +280,23 @@ class TestTurbo:
         restore(turbo)
 
 
+    def test_streamed_meanflow_mel_is_upstreams_in_one_pass(self, turbo):
+        """The streamer's flow for Turbo's meanflow S3Gen (2 steps, no CFG) is upstream's: one
+        final pass with upstream's noise gives upstream's mel."""
+        from chatterbox_accel.stream import S3GenStreamer
+
+        s3, ref = turbo.s3gen, turbo.conds.gen
+        tokens = torch.randint(0, 6561, (12,), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(3)
+        mel = s3.flow_inference(tokens[None], ref_dict=ref, finalize=True)
+        torch.manual_seed(3)  # upstream draws the generated part's noise first, then the whole
+        generated = torch.randn(1, 80, 2 * tokens.numel())
+        whole = torch.randn(1, 80, ref["prompt_feat"].shape[1] + 2 * tokens.numel())
+        noise = torch.cat([whole[:, :, : ref["prompt_feat"].shape[1]], generated], dim=2)
+        streamer = S3GenStreamer(s3, ref, tokens.numel(), noise=noise, context_tokens=None)
+        streamer.push(tokens, final=True)
+        assert torch.allclose(streamer.mel, mel, rtol=0, atol=1e-5)
+
     def test_generate_stream_serves_generate_tokens_and_checks_its_options(self, turbo):
         accelerate(turbo)
         with pytest.raises(TypeError, match="unknown option.*language_id"):
