@@ -35,21 +35,30 @@ def english_vocab() -> dict:
     for ch in chars:
         vocab[ch] = next_id
         next_id += 1
+    return _fill_unused(vocab, TEXT_VOCAB)
+
+
+def _fill_unused(vocab: dict, size: int) -> dict:
+    """Give every id below `size` a token: tokenizers warns about (and may mangle) sparse ids."""
     used = set(vocab.values())
-    for i in range(TEXT_VOCAB):  # no holes: tokenizers warns about (and may mangle) sparse ids
+    for i in range(size):
         if i not in used:
             vocab[f"<unused{i}>"] = i
     return vocab
 
 
-def write_tokenizer(path: Path) -> None:
+def _save_char_tokenizer(path: Path, vocab: dict, specials: list) -> None:
+    """A merge-free BPE (one token per character) with `specials` matched whole first."""
     from tokenizers import Tokenizer
     from tokenizers.models import BPE
 
-    vocab = english_vocab()
     tok = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.add_special_tokens(specials)
     tok.save(str(path))
+
+
+def write_tokenizer(path: Path) -> None:
+    _save_char_tokenizer(path, english_vocab(), list(SPECIAL_TOKENS))
 
 
 def _seeded(seed: int, build):
@@ -263,22 +272,13 @@ def multilingual_vocab() -> dict:
             break
         vocab.setdefault(sym, next_id)
         next_id += 1
-    used = set(vocab.values())
-    for i in range(MULTILINGUAL_TEXT_VOCAB):
-        if i not in used:
-            vocab[f"<unused{i}>"] = i
-    return vocab
+    return _fill_unused(vocab, MULTILINGUAL_TEXT_VOCAB)
 
 
 def write_multilingual_tokenizer(path: Path) -> None:
-    from tokenizers import Tokenizer
-    from tokenizers.models import BPE
-
     vocab = multilingual_vocab()
-    tok = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
     # Language and Cangjie tokens are matched whole, before the per-character model.
-    tok.add_special_tokens([t for t in vocab if t.startswith("[")])
-    tok.save(str(path))
+    _save_char_tokenizer(path, vocab, [t for t in vocab if t.startswith("[")])
 
 
 def write_cangjie_table(path: Path) -> None:

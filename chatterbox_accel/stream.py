@@ -264,7 +264,7 @@ def generate_stream(model, text, **options):
     if _is_english(model):
         from .t3.patch import check_lengths
 
-        check_lengths(model.t3.hp, torch.zeros(1, 2), stream["max_new_tokens"])
+        check_lengths(model.t3.hp, None, stream["max_new_tokens"])
     elif stream["max_new_tokens"] != STREAM_DEFAULTS["max_new_tokens"]:
         raise ValueError(f"max_new_tokens applies to English ChatterboxTTS; {type(model).__name__} "
                          f"keeps its generate()'s own limit: drop the option")

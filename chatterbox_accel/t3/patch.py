@@ -40,8 +40,9 @@ def unsupported_reason(t3, args, opts) -> str | None:
 
 def check_lengths(hp, text_tokens, max_new_tokens) -> None:
     """T3's learned position tables end at max_text_tokens + 2 text and max_speech_tokens + 4
-    speech positions; past them the original fails with an IndexError inside an embedding."""
-    n_text = int(torch.atleast_2d(text_tokens).shape[-1])
+    speech positions; past them the original fails with an IndexError inside an embedding.
+    `text_tokens` None: check `max_new_tokens` only."""
+    n_text = 0 if text_tokens is None else int(torch.atleast_2d(text_tokens).shape[-1])
     if n_text > hp.max_text_tokens + 2:
         raise ValueError(f"the text is {n_text - 2} tokens long; chatterbox's T3 reads at most "
                          f"{hp.max_text_tokens}: split it into sentences and generate them one by one")
