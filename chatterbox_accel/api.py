@@ -84,7 +84,7 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
             wrapper = CachedSetTargetVoice if voice_method == "set_target_voice" else CachedPrepareConditionals
             registry.wrap_method(model, voice_method, wrapper(cache))
             report.applied.append("voice_cache")
-        t3_fallback = t3_fallback_reason(model)  # multilingual, Turbo (GPT-2) and VC: see families.py
+        t3_fallback = t3_fallback_reason(model)  # Turbo (GPT-2) and VC: see families.py
         if cfg.t3 and t3_fallback:
             report.fallbacks["t3"] = t3_fallback
         if cfg.t3 and not t3_fallback:
@@ -207,6 +207,10 @@ def _install_steps(runner: T3Runner, t3, cfg: AccelConfig, report: AccelReport):
     graphs = cfg.wants_cuda_graphs(device_type)
     if cfg.cuda_graphs and not graphs:
         report.fallbacks["t3.cuda_graphs"] = f"CUDA graphs need a CUDA device, model is on {device_type}"
+    if runner.heads and (compile_step or graphs):
+        report.fallbacks["t3.step"] = ("multilingual: the alignment analyzer runs host code between "
+                                       "each step's forward and its sampling, so the step stays eager")
+        return
     if not (compile_step or graphs):
         return
     result = install_step(runner, compile_step=compile_step, mode=cfg.compile_mode,
@@ -221,7 +225,7 @@ def _warmup(runner: T3Runner, t3, steps: int = 4):
     params = SamplingParams.make(t3.device, cfg_weight=0.5, temperature=0.8,
                                  repetition_penalty=1.2, min_p=0.05, top_p=1.0)
     embeds = runner.build_prompt(t3_cond, text, 0.5)
-    runner.generate(embeds, params, steps)
+    runner.generate(embeds, params, steps, text_len=text.shape[-1])
 
 
 def _model_device(model) -> torch.device:

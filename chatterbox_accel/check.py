@@ -27,11 +27,14 @@ class CheckResult:
     tolerance: float
     argmax_agreement: float  # fraction of steps whose most likely token agrees
     steps: int
+    attention_diff: float | None = None  # multilingual: max |d prob| of the analyzer's attention maps
 
     def __str__(self):
         verdict = "passed" if self.passed else "FAILED"
+        maps = "" if self.attention_diff is None else (
+            f", alignment attention max|dp| {self.attention_diff:.3g}")
         return (f"output check {verdict}: max|dlogit| {self.max_abs_diff:.3g} "
-                f"(relative {self.rel_diff:.3g}, tolerance {self.tolerance:.3g}), "
+                f"(relative {self.rel_diff:.3g}, tolerance {self.tolerance:.3g}){maps}, "
                 f"argmax agreement {self.argmax_agreement:.0%} over {self.steps} steps")
 
 
@@ -70,12 +73,37 @@ def reference_logits(t3, embeds, forced, cfg_weight) -> torch.Tensor:
     return torch.stack([cfg_combine(logits[:, i], cfg)[0] for i in range(steps + 1)])
 
 
+@torch.inference_mode()
+def reference_attention_maps(t3, embeds, forced, heads) -> dict:
+    """{layer: (P+N, P+N)} eager attention probabilities of batch row 0 for the (layer, head)
+    pairs the multilingual alignment analyzer reads: what upstream's hooks see. The model's
+    attention setting is switched to eager for this forward only, and put back."""
+    positions = torch.arange(1, forced.numel() + 1, device=embeds.device)
+    tok = t3.speech_emb(forced)[None] + t3.speech_pos_emb.get_fixed_embedding(positions)
+    seq = torch.cat([embeds, tok.expand(embeds.shape[0], -1, -1)], dim=1)
+    config = t3.tfmr.config
+    saved = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        out = t3.tfmr(inputs_embeds=seq, use_cache=False, output_attentions=True, return_dict=True)
+    finally:
+        config._attn_implementation = saved
+    return {layer: out.attentions[layer][0, head].float() for layer, head in heads}
+
+
 def run_output_check(t3, runner, conds_t3, *, steps: int, tolerance: float, cfg_weight=0.5) -> CheckResult:
     t3_cond, text, forced = probe_inputs(t3, conds_t3, steps, cfg_weight)
     embeds = runner.build_prompt(t3_cond, text, cfg_weight)
     ref = reference_logits(t3, embeds, forced, cfg_weight).float()
-    fast = runner.teacher_forced_logits(embeds, forced, cfg_weight).float()
-    return compare(fast, ref, tolerance)
+    maps = {}
+    fast = runner.teacher_forced_logits(embeds, forced, cfg_weight, maps).float()
+    result = compare(fast, ref, tolerance)
+    if runner.heads:  # multilingual: the analyzer's attention maps must match eager attention too
+        ref_maps = reference_attention_maps(t3, embeds, forced, runner.heads)
+        diff = max((maps[layer] - ref_maps[layer]).abs().max().item() for layer in ref_maps)
+        result = dataclasses.replace(result, attention_diff=diff,
+                                     passed=result.passed and diff <= tolerance)
+    return result
 
 
 def compare(fast: torch.Tensor, ref: torch.Tensor, tolerance: float) -> CheckResult:

@@ -66,15 +66,20 @@ def _seeded(seed: int, build):
     return build()
 
 
-def tiny_t3(seed: int = 0, layers: int = 2, stop_after: int | None = None):
-    """A T3 with a `layers`-deep Llama backbone (registered under TINY_LLAMA), random weights."""
+def tiny_t3(seed: int = 0, layers: int = 2, stop_after: int | None = None, multilingual: bool = False,
+            intermediate_size: int | None = None):
+    """A T3 with a `layers`-deep Llama backbone (registered under TINY_LLAMA), random weights.
+    multilingual: the multilingual text vocabulary (its alignment analyzer reads layers 9, 12
+    and 13, so give it at least 14 layers). intermediate_size: a narrower MLP, for speed."""
     from chatterbox.models.t3 import T3
     from chatterbox.models.t3.llama_configs import LLAMA_520M_CONFIG_DICT, LLAMA_CONFIGS
     from chatterbox.models.t3.modules.t3_config import T3Config
 
-    name = f"{TINY_LLAMA}_{layers}"
-    LLAMA_CONFIGS.setdefault(name, {**LLAMA_520M_CONFIG_DICT, "num_hidden_layers": layers})
-    hp = T3Config.english_only()
+    width = intermediate_size or LLAMA_520M_CONFIG_DICT["intermediate_size"]
+    name = f"{TINY_LLAMA}_{layers}" + (f"_mlp{width}" if intermediate_size else "")
+    LLAMA_CONFIGS.setdefault(name, {**LLAMA_520M_CONFIG_DICT, "num_hidden_layers": layers,
+                                    "intermediate_size": width})
+    hp = T3Config.multilingual() if multilingual else T3Config.english_only()
     hp.llama_config_name = name
     return _shape_speech_head(_seeded(seed, lambda: T3(hp)).eval(), stop_after)
 

@@ -3,7 +3,7 @@
 | family | class | T3 backbone | voice method |
 |---|---|---|---|
 | english | chatterbox.tts.ChatterboxTTS | Llama 520M | prepare_conditionals |
-| multilingual | chatterbox.mtl_tts.ChatterboxMultilingualTTS | Llama 520M + alignment analyzer | prepare_conditionals |
+| multilingual | chatterbox.mtl_tts.ChatterboxMultilingualTTS | Llama 520M + alignment analyzer (t3/alignment.py) | prepare_conditionals |
 | turbo | chatterbox.tts_turbo.ChatterboxTurboTTS | GPT-2 medium (`inference_turbo`) | prepare_conditionals |
 | vc | chatterbox.vc.ChatterboxVC | none | set_target_voice |
 
@@ -22,10 +22,6 @@ FAMILY_CLASSES = {
 }
 
 T3_FALLBACKS = {
-    "multilingual": (
-        "multilingual T3 keeps the original T3.inference: its decoding runs chatterbox's "
-        "AlignmentStreamAnalyzer (attention of layers 9/12/13 read every step to hold back or force "
-        "EOS), which the fast decode loop does not implement yet"),
     "turbo": (
         "Turbo's T3 is a GPT-2 decoded by T3.inference_turbo (no CFG, top-k, GPT-2 positions); "
         "the fast decode loop is built for the Llama T3 only, so inference_turbo stays original"),
@@ -60,8 +56,6 @@ def t3_fallback_reason(model) -> str | None:
         return T3_FALLBACKS["vc"]
     if getattr(t3, "is_gpt", False):
         return T3_FALLBACKS["turbo"]
-    if t3.hp.is_multilingual:
-        return T3_FALLBACKS["multilingual"]
     return None
 
 

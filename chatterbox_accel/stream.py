@@ -1,9 +1,9 @@
 """`generate_stream()`: audio chunks while T3 is still decoding.
 
 Per chunk:
-1. T3 yields a block of speech tokens: the English fast runner's `token_blocks`, while it decodes.
-   Other models (Multilingual, Turbo, English without the fast path) run their own `generate()`
-   up to the point it would call S3Gen, and the tokens it would synthesize are streamed.
+1. T3 yields a block of speech tokens: the fast runner's `token_blocks` (English, Multilingual),
+   while it decodes. Other models (Turbo, or any without the fast path) run their own
+   `generate()` up to the point it would call S3Gen, and the tokens it would synthesize are streamed.
 2. S3Gen's flow runs on the voice prompt + up to `context_tokens` earlier tokens + the new ones.
    Its noise is drawn once per stream and indexed by absolute frame, so a frame's noise never
    changes between chunks (and equals the one-shot's under the same seed). Until the last chunk
@@ -42,6 +42,7 @@ SAMPLES_PER_FRAME = 480      # S3Gen: 24 kHz audio, 50 mel frames per second
 VOCODER_CONTEXT = 8          # mel frames of left context for each HiFT window
 HOLD = 4                     # mel frames held back per chunk and cross-faded into the next
 WATERMARK_CONTEXT = 24000    # samples of sent audio the watermarker sees before each new chunk
+MULTILINGUAL_MAX_NEW_TOKENS = 1000  # what ChatterboxMultilingualTTS.generate() hard-codes
 # generate_stream()'s own options (the rest are the model's generate() options)
 STREAM_DEFAULTS = dict(max_new_tokens=1000, chunk_size=25, first_chunk_size=None, context_tokens=100,
                        watermark=True)
@@ -305,6 +306,12 @@ def _is_english(model) -> bool:
             and hasattr(getattr(model, "tokenizer", None), "text_to_tokens"))
 
 
+def _is_multilingual(model) -> bool:
+    hp = getattr(model.t3, "hp", None)
+    return (hp is not None and hp.is_multilingual and not getattr(model.t3, "is_gpt", False)
+            and hasattr(getattr(model, "tokenizer", None), "text_to_tokens"))
+
+
 def _check_language(model, language_id) -> None:
     if language_id is None or not getattr(model.t3.hp, "is_multilingual", False):
         return
@@ -350,18 +357,21 @@ def _token_source(model, text, options, max_new_tokens, first_block, block):
     """(blocks of (ids, final), a callable giving the most tokens there can be)."""
     from .api import fast_inference_of
 
-    fast = fast_inference_of(model) if _is_english(model) else None
+    fast = fast_inference_of(model) if _is_english(model) or _is_multilingual(model) else None
     if fast is not None and fast.disabled is None:
+        if _is_multilingual(model):
+            max_new_tokens = MULTILINGUAL_MAX_NEW_TOKENS
         return _fast_blocks(model, fast, text, options, max_new_tokens, first_block, block), lambda: max_new_tokens
     box = {}
     return _generate_blocks(model, text, options, first_block, block, box), lambda: box["n"]
 
 
 def _fast_blocks(model, fast, text, options, max_new_tokens, first_block, block):
-    """The English fast runner, block by block while it decodes; the original path if it fails
-    before the first block."""
+    """The fast runner (English or Multilingual), block by block while it decodes; the original
+    path if it fails before the first block."""
     opts = {**_generate_options(model), **options}
-    text_tokens = _prepare(model, text, opts["audio_prompt_path"], opts["exaggeration"], opts["cfg_weight"])
+    text_tokens = _prepare(model, text, opts["audio_prompt_path"], opts["exaggeration"], opts["cfg_weight"],
+                           opts.get("language_id"))
     t3_opts = {k: opts[k] for k in ("repetition_penalty", "min_p", "top_p", "cfg_weight", "temperature")}
     blocks = fast.stream(dict(t3_opts, t3_cond=model.conds.t3, text_tokens=text_tokens,
                               max_new_tokens=max_new_tokens), first_block, block)
@@ -415,11 +425,23 @@ def _generate_blocks(model, text, options, first_block, block, box):
         start, size = start + size, block
 
 
-def _prepare(model, text, audio_prompt_path, exaggeration, cfg_weight):
-    """`ChatterboxTTS.generate` up to T3 (chatterbox 0.1.7): voice, exaggeration, text tokens."""
+def _prepare(model, text, audio_prompt_path, exaggeration, cfg_weight, language_id=None):
+    """`ChatterboxTTS.generate` (or `ChatterboxMultilingualTTS.generate`) up to T3, as in
+    chatterbox 0.1.7: voice, exaggeration, text tokens."""
     from chatterbox.models.t3.modules.cond_enc import T3Cond
-    from chatterbox.tts import punc_norm
 
+    if _is_multilingual(model):  # its own punc_norm, language tag, and always two CFG rows
+        from chatterbox.mtl_tts import punc_norm
+
+        language = language_id.lower() if language_id else None
+        text_tokens = model.tokenizer.text_to_tokens(punc_norm(text), language_id=language)
+        text_tokens = torch.cat([text_tokens, text_tokens], dim=0)
+    else:
+        from chatterbox.tts import punc_norm
+
+        text_tokens = model.tokenizer.text_to_tokens(punc_norm(text))
+        if cfg_weight > 0.0:
+            text_tokens = torch.cat([text_tokens, text_tokens], dim=0)
     if audio_prompt_path:
         model.prepare_conditionals(audio_prompt_path, exaggeration=exaggeration)
     if exaggeration != model.conds.t3.emotion_adv[0, 0, 0]:
@@ -427,8 +449,5 @@ def _prepare(model, text, audio_prompt_path, exaggeration, cfg_weight):
         model.conds.t3 = T3Cond(speaker_emb=cond.speaker_emb,
                                 cond_prompt_speech_tokens=cond.cond_prompt_speech_tokens,
                                 emotion_adv=exaggeration * torch.ones(1, 1, 1)).to(device=model.device)
-    text_tokens = model.tokenizer.text_to_tokens(punc_norm(text)).to(model.device)
-    if cfg_weight > 0.0:
-        text_tokens = torch.cat([text_tokens, text_tokens], dim=0)
-    text_tokens = F.pad(text_tokens, (1, 0), value=model.t3.hp.start_text_token)
+    text_tokens = F.pad(text_tokens.to(model.device), (1, 0), value=model.t3.hp.start_text_token)
     return F.pad(text_tokens, (0, 1), value=model.t3.hp.stop_text_token)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .alignment import AnalyzerFeed, aligned_heads, new_analyzer
 from .cache import StaticKVCache
 from .model import FastLlama, linear
 from .sampling import SamplingParams, cfg_combine, sample_next
@@ -54,6 +55,9 @@ class T3Runner:
             self.tfmr = copy.deepcopy(t3.tfmr).to(dtype)
             self.speech_head = copy.deepcopy(t3.speech_head).to(dtype)
         self.llama = FastLlama(self.tfmr, attention)
+        self.heads = aligned_heads() if self.hp.is_multilingual else []
+        if self.heads:  # multilingual: the alignment analyzer reads these heads every step
+            self.llama.spy_heads(self.heads)
         self.eos_check_every = eos_check_every
         self.kv_bucket = kv_bucket
         self.static_cache = static_cache
@@ -105,10 +109,12 @@ class T3Runner:
         hidden = self.llama.forward(x, state.input_pos, cache, kv_len)
         return linear(self.speech_head, hidden[:, -1])
 
-    def decode_one_token(self, state: DecodeState, params: SamplingParams, cache, kv_len: int):
-        """One step: logits -> sample -> update state in place (no host sync)."""
+    def decode_one_token(self, state: DecodeState, params: SamplingParams, cache, kv_len: int,
+                         adjust=None):
+        """One step: logits -> sample -> update state in place (no host sync unless `adjust`,
+        the alignment analyzer, needs one)."""
         logits = self.decode_logits(state, cache, kv_len)
-        token = sample_next(logits, state.presence, params)
+        token = sample_next(logits, state.presence, params, adjust)
         state.token.copy_(token)
         state.done.logical_or_(token == self.hp.stop_speech_token)
         state.input_pos.add_(1)
@@ -150,14 +156,29 @@ class T3Runner:
             return cache.max_len
         return min(_round_up(position + 1, self.kv_bucket), cache.max_len)
 
-    def generate(self, embeds, params: SamplingParams, max_new_tokens: int) -> torch.Tensor:
+    def generate(self, embeds, params: SamplingParams, max_new_tokens: int, text_len: int | None = None):
         """Sample up to `max_new_tokens` ids; returns (1, N), ending at the first EOS if any."""
-        return torch.cat([ids for ids, _ in self.token_blocks(embeds, params, max_new_tokens)])[None]
+        blocks = self.token_blocks(embeds, params, max_new_tokens, text_len=text_len)
+        return torch.cat([ids for ids, _ in blocks])[None]
+
+    def analyzer_feed(self, embeds, text_len: int | None) -> AnalyzerFeed | None:
+        """Multilingual: a fresh upstream alignment analyzer for this decode (None otherwise).
+        The prompt is conditioning + text (`text_len` tokens) + BOS + BOS, so the text sits at
+        [P - text_len - 2, P - 2), the slice `T3.inference` gives the analyzer."""
+        if not self.heads:
+            return None
+        if text_len is None:
+            raise ValueError("a multilingual T3 decode needs text_len (its alignment analyzer reads it)")
+        end = embeds.shape[1] - 2
+        analyzer = new_analyzer(self.t3, (end - text_len, end))
+        return AnalyzerFeed(analyzer, self.llama, self.heads, first_token=self.hp.start_speech_token)
 
     def token_blocks(self, embeds, params: SamplingParams, max_new_tokens: int,
-                     first_block: int | None = None, block: int | None = None):
+                     first_block: int | None = None, block: int | None = None,
+                     text_len: int | None = None):
         """Decode, yielding `(new ids (1-D), finished)` every `block` tokens (`first_block` for
         the first yield); without sizes, one yield at the end. The ids end at the first EOS, if any.
+        `text_len` (text tokens in the prompt) is needed by the multilingual alignment analyzer.
 
         A generator holds the runner's static cache between yields: a second decode on the same
         runner while one is paused (another `generate()`, an interleaved stream) takes the cache
@@ -169,8 +190,9 @@ class T3Runner:
             cache = self.get_cache(B, P + max_new_tokens)
             state = self.new_state(P, embeds.device)
             params = self.static_params(params)
+            feed = self.analyzer_feed(embeds, text_len)
             tokens = torch.empty(max_new_tokens, dtype=torch.long, device=embeds.device)
-            first = sample_next(self.prefill(embeds, cache), state.presence, params)
+            first = sample_next(self.prefill(embeds, cache), state.presence, params, feed)
             state.token.copy_(first)
             state.done.copy_(first == self.hp.stop_speech_token)
             tokens[0:1].copy_(first)
@@ -191,22 +213,41 @@ class T3Runner:
                 emitted, target = n, block or max_new_tokens
             with torch.inference_mode():
                 kv_len = self.kv_len_for(P + n - 1, cache)
-                tokens[n : n + 1].copy_(self.step(state, params, cache, kv_len))
+                if feed is None:
+                    tokens[n : n + 1].copy_(self.step(state, params, cache, kv_len))
+                else:  # the analyzer's host logic sits between forward and sampling
+                    feed.last_token = int(tokens[n - 1])
+                    tokens[n : n + 1].copy_(self.decode_one_token(state, params, cache, kv_len, feed))
             n += 1
 
     @torch.inference_mode()
-    def teacher_forced_logits(self, embeds, forced: torch.Tensor, cfg_weight: float) -> torch.Tensor:
-        """CFG-combined logits (N+1, V) after the prompt and after each forced token (N,)."""
+    def teacher_forced_logits(self, embeds, forced: torch.Tensor, cfg_weight: float,
+                              maps: dict | None = None) -> torch.Tensor:
+        """CFG-combined logits (N+1, V) after the prompt and after each forced token (N,).
+        `maps` (multilingual): filled with {layer: (P+N, P+N)} attention maps of the heads the
+        alignment analyzer reads, row by row as the decode produced them."""
         B, P, _ = embeds.shape
-        cache = self.get_cache(B, P + forced.numel() + 1)
+        total = P + forced.numel()
+        cache = self.get_cache(B, total + 1)
         state = self.new_state(P, embeds.device)
         cfg = torch.tensor(float(cfg_weight), device=embeds.device)
+        rows = {layer: [] for layer, _ in self.heads}
+
+        def keep_maps():
+            for layer in rows:
+                m = self.llama.spied[layer][:, :total].float()  # masked columns are 0
+                rows[layer].append(torch.nn.functional.pad(m, (0, total - m.shape[1])))
+
         out = [cfg_combine(self.prefill(embeds, cache), cfg)]
+        keep_maps()
         for n, token in enumerate(forced.view(-1)):
             state.token.copy_(token.view(1))
             out.append(cfg_combine(self.decode_logits(state, cache, self.kv_len_for(P + n, cache)), cfg))
+            keep_maps()
             state.input_pos.add_(1)
             state.speech_pos.add_(1)
+        if maps is not None:
+            maps.update({layer: torch.cat(r) for layer, r in rows.items()})
         return torch.cat(out, dim=0)
 
 

@@ -7,7 +7,9 @@ the only differences from `LlamaModel.forward` are the ones that make it fast:
 - RoPE cos/sin come from a table precomputed once with the model's own `rotary_emb`;
 - attention is SDPA or flash-attn over the first `kv_len` cache slots with a positional mask,
   never the eager path that `output_attentions=True` forces; no hidden states are kept;
-- on CPU, decode-sized matmuls use the faster GEMV orientation (see `linear`).
+- on CPU, decode-sized matmuls use the faster GEMV orientation (see `linear`);
+- where a caller needs attention maps (the multilingual alignment analyzer reads three heads),
+  only those heads' probabilities are computed, beside the fast attention (see `spy_heads`).
 """
 from __future__ import annotations
 
@@ -62,6 +64,15 @@ def sdpa_attention(q, k_buf, v_buf, input_pos, kv_len: int):
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
+def attention_map(q, keys, input_pos):
+    """Softmax attention probabilities (S, kv_len) of one head, as eager attention computes
+    them: scores scaled by 1/sqrt(D), masked past each query's position, float32 softmax."""
+    scores = torch.matmul(q, keys.t()) * q.shape[-1] ** -0.5
+    masked = torch.arange(keys.shape[0], device=q.device)[None, :] > input_pos[:, None]
+    scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32)
+
+
 def make_flash_attention() -> Callable | None:
     """flash-attn's KV-cache kernel wrapped to our layout, or None when it is not usable."""
     try:
@@ -98,6 +109,15 @@ class FastLlama:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.attention = attention
         self.cos = self.sin = None
+        self.spies: dict[int, int] = {}  # layer -> head whose attention map forward() keeps
+        self.spied: dict[int, torch.Tensor] = {}  # layer -> (S, kv_len) probabilities, batch row 0
+
+    def spy_heads(self, heads) -> None:
+        """Keep the attention probabilities of these (layer, head) pairs, batch row 0, in
+        `self.spied` after each forward: what eager attention with `output_attentions=True`
+        would return for them, without running the other heads or layers eagerly."""
+        self.spies = {layer: head for layer, head in heads}
+        self.spied = {}
 
     @property
     def dtype(self):
@@ -136,6 +156,8 @@ class FastLlama:
             rep = self.n_heads // self.n_kv_heads
             k_buf, v_buf = k_buf.repeat_interleave(rep, 1), v_buf.repeat_interleave(rep, 1)
         out = self.attention(q, k_buf, v_buf, input_pos, kv_len)  # (B, H, S, D)
+        if i in self.spies:
+            self.spied[i] = attention_map(q[0, self.spies[i]], k_buf[0, self.spies[i], :kv_len], input_pos)
         return linear(attn.o_proj, out.transpose(1, 2).reshape(B, S, -1))
 
     @staticmethod

@@ -33,8 +33,6 @@ def unsupported_reason(t3, args, opts) -> str | None:
         return "initial/prepended speech tokens"
     if opts["num_return_sequences"] != 1 or not opts["stop_on_eos"]:
         return "num_return_sequences != 1 or stop_on_eos=False"
-    if t3.hp.is_multilingual:
-        return "multilingual alignment analyzer"
     return None
 
 
@@ -95,4 +93,5 @@ class FastInference:
                 repetition_penalty=opts["repetition_penalty"], min_p=opts["min_p"], top_p=opts["top_p"],
             )
             embeds = runner.build_prompt(opts["t3_cond"], opts["text_tokens"], cfg_weight)
-        return runner.token_blocks(embeds, params, int(max_new), first_block, block)
+        text_len = torch.atleast_2d(opts["text_tokens"]).shape[-1]
+        return runner.token_blocks(embeds, params, int(max_new), first_block, block, text_len=text_len)

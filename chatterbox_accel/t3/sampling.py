@@ -86,9 +86,14 @@ def sample(scores: torch.Tensor) -> torch.Tensor:
     return torch.argmax(probs / race, dim=-1)
 
 
-def sample_next(logits, presence, params: SamplingParams) -> torch.Tensor:
-    """CFG logits (B, V) -> next token (1,); marks it in `presence` (1, V) in place."""
-    scores = process_logits(cfg_combine(logits, params.cfg_weight), presence, params)
+def sample_next(logits, presence, params: SamplingParams, adjust=None) -> torch.Tensor:
+    """CFG logits (B, V) -> next token (1,); marks it in `presence` (1, V) in place.
+    `adjust`: called on the CFG-combined logits before the processors (the multilingual
+    alignment analyzer); it returns the logits to use."""
+    combined = cfg_combine(logits, params.cfg_weight)
+    if adjust is not None:
+        combined = adjust(combined)
+    scores = process_logits(combined, presence, params)
     token = sample(scores)
     presence.index_fill_(1, token, True)
     return token
