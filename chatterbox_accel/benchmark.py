@@ -54,6 +54,7 @@ class T3BenchResult:
     check: str = ""
     device: str = ""
     dtype: str = ""
+    family: str = "english"
 
     def it_s(self, which: str) -> float:
         secs, toks = getattr(self, f"{which}_s"), getattr(self, f"{which}_tokens")
@@ -61,7 +62,7 @@ class T3BenchResult:
 
     def summary(self) -> dict:
         orig, fast = self.it_s("original"), self.it_s("accelerated")
-        return {"benchmark": "t3_decode", "tokens": self.tokens, "device": self.device, "dtype": self.dtype,
+        return {"benchmark": "t3_decode", "family": self.family, "tokens": self.tokens, "device": self.device, "dtype": self.dtype,
                 "original_it_s": round(orig, 3), "accelerated_it_s": round(fast, 3),
                 "speedup": round(fast / orig, 3), "hardware": hardware(), **versions(),
                 "check": self.check}
@@ -70,7 +71,8 @@ class T3BenchResult:
         s = self.summary()
         rows = [("original T3.inference", s["original_it_s"], 1.0),
                 ("chatterbox_accel", s["accelerated_it_s"], s["speedup"])]
-        lines = [f"T3 decode, {self.tokens} tokens, CFG batch 2, {self.dtype}, {self.device}: {s['hardware']}",
+        lines = [f"T3 decode ({self.family}), {self.tokens} tokens, CFG batch 2, {self.dtype}, {self.device}: "
+                 f"{s['hardware']}",
                  f"torch {s['torch']}, transformers {s['transformers']}, chatterbox-tts {s['chatterbox-tts']}",
                  f"{'path':26s} {'it/s':>8s} {'speedup':>8s}"]
         lines += [f"{name:26s} {its:8.2f} {sp:7.2f}x" for name, its, sp in rows]
@@ -87,7 +89,8 @@ def bench_t3(t3, *, tokens=40, repeats=3, warmup=1, options=None) -> T3BenchResu
     holder = types.SimpleNamespace(t3=t3, conds=None)
     report = accelerate(holder, **(options or {}))
     result = T3BenchResult(tokens=tokens, check=str(report.check or "not run"),
-                           device=str(t3.device), dtype=(options or {}).get("dtype", "float32"))
+                           device=str(t3.device), dtype=(options or {}).get("dtype", "float32"),
+                           family="multilingual" if t3.hp.is_multilingual else "english")
     t3_cond, _, _ = probe_inputs(t3, None, 1)
     text = torch.randint(1, 700, (2, 42), generator=torch.Generator().manual_seed(0)).to(t3.device)
     text[:, 0], text[:, -1] = t3.hp.start_text_token, t3.hp.stop_text_token

@@ -84,10 +84,12 @@ def tiny_t3(seed: int = 0, layers: int = 2, stop_after: int | None = None, multi
     return _shape_speech_head(_seeded(seed, lambda: T3(hp)).eval(), stop_after)
 
 
-def full_t3(seed: int = 0, stop_after: int | None = None):
+def full_t3(seed: int = 0, stop_after: int | None = None, multilingual: bool = False):
     from chatterbox.models.t3 import T3
+    from chatterbox.models.t3.modules.t3_config import T3Config
 
-    return _shape_speech_head(_seeded(seed, T3).eval(), stop_after)
+    hp = T3Config.multilingual() if multilingual else T3Config.english_only()
+    return _shape_speech_head(_seeded(seed, lambda: T3(hp)).eval(), stop_after)
 
 
 @torch.no_grad()

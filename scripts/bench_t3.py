@@ -4,7 +4,7 @@
 Same random weights (full-size T3 unless --layers), CFG batch 2, N tokens per run, warm-up then
 alternating repeats; prints a table, then one JSON line last.
 
-    python scripts/bench_t3.py --tokens 40 --repeats 3
+    python scripts/bench_t3.py --tokens 40 --repeats 3 [--multilingual]
 """
 import argparse
 import logging
@@ -26,10 +26,13 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--layers", type=int, default=0, help="tiny T3 with this many layers (0 = full size)")
+    ap.add_argument("--multilingual", action="store_true",
+                    help="multilingual T3 (its original loop runs the alignment analyzer on eager attention)")
     ap.add_argument("--no-compile", action="store_true", help="disable torch.compile / CUDA graphs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    t3 = (tiny_t3(layers=args.layers) if args.layers else full_t3()).to(args.device)
+    mtl = args.multilingual
+    t3 = (tiny_t3(layers=args.layers, multilingual=mtl) if args.layers else full_t3(multilingual=mtl)).to(args.device)
     options = {"dtype": args.dtype}
     if args.no_compile:
         options.update(compile=False, cuda_graphs=False)
