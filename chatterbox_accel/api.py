@@ -84,10 +84,12 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
             wrapper = CachedSetTargetVoice if voice_method == "set_target_voice" else CachedPrepareConditionals
             registry.wrap_method(model, voice_method, wrapper(cache))
             report.applied.append("voice_cache")
-        t3_fallback = t3_fallback_reason(model)  # Turbo (GPT-2) and VC: see families.py
+        t3_fallback = t3_fallback_reason(model)  # VC: see families.py
         if cfg.t3 and t3_fallback:
             report.fallbacks["t3"] = t3_fallback
-        if cfg.t3 and not t3_fallback:
+        if cfg.t3 and not t3_fallback and getattr(t3, "is_gpt", False):
+            _accelerate_turbo(model, t3, cfg, report, registry)
+        elif cfg.t3 and not t3_fallback:
             runner = _build_runner(t3, cfg, report)
             _install_steps(runner, t3, cfg, report)
             fast = FastInference(runner)
@@ -226,6 +228,32 @@ def _warmup(runner: T3Runner, t3, steps: int = 4):
                                  repetition_penalty=1.2, min_p=0.05, top_p=1.0)
     embeds = runner.build_prompt(t3_cond, text, 0.5)
     runner.generate(embeds, params, steps, text_len=text.shape[-1])
+
+
+def _accelerate_turbo(model, t3, cfg: AccelConfig, report: AccelReport, registry) -> None:
+    """Turbo's GPT-2 T3: the fast `inference_turbo` loop, then its output check."""
+    from .check import compare
+    from .t3.turbo import FastTurboInference, TurboRunner, turbo_reference_logits
+
+    device_type = t3.device.type
+    dtype = DTYPE_BY_NAME[cfg.dtype]
+    if dtype != torch.float32:
+        report.applied.append(f"t3.{cfg.dtype}")
+    attention = _select_attention(cfg, device_type, dtype, report)
+    if cfg.compiles_t3(device_type) or cfg.wants_cuda_graphs(device_type):
+        report.fallbacks["t3.step"] = ("Turbo: torch.compile / CUDA graphs of the GPT-2 step are not "
+                                       "built yet; the step runs eagerly")
+    runner = TurboRunner(t3, attention=attention, dtype=dtype, static_cache=cfg.static_cache)
+    fast = FastTurboInference(runner)
+    registry.state["t3_runner"], registry.state["t3_inference"] = runner, fast
+    registry.wrap_method(t3, "inference_turbo", fast)
+    report.applied.append("t3.static_kv_cache" if cfg.static_cache else "t3.kv_cache")
+    if cfg.check:
+        t3_cond, text, forced = probe_inputs(t3, _builtin_t3_conds(model), cfg.check_steps, 0.0)
+        embeds, len_cond = runner.build_prompt(t3_cond, text[:1])
+        ref = turbo_reference_logits(t3, embeds, forced)
+        fast = runner.teacher_forced_logits(embeds, len_cond, forced)
+        report.check = compare(fast, ref, cfg.resolved_tolerance())
 
 
 def _model_device(model) -> torch.device:

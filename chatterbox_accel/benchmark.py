@@ -71,7 +71,8 @@ class T3BenchResult:
         s = self.summary()
         rows = [("original T3.inference", s["original_it_s"], 1.0),
                 ("chatterbox_accel", s["accelerated_it_s"], s["speedup"])]
-        lines = [f"T3 decode ({self.family}), {self.tokens} tokens, CFG batch 2, {self.dtype}, {self.device}: "
+        batch = "batch 1 (no CFG)" if self.family == "turbo" else "CFG batch 2"
+        lines = [f"T3 decode ({self.family}), {self.tokens} tokens, {batch}, {self.dtype}, {self.device}: "
                  f"{s['hardware']}",
                  f"torch {s['torch']}, transformers {s['transformers']}, chatterbox-tts {s['chatterbox-tts']}",
                  f"{'path':26s} {'it/s':>8s} {'speedup':>8s}"]
@@ -88,16 +89,23 @@ def bench_t3(t3, *, tokens=40, repeats=3, warmup=1, options=None) -> T3BenchResu
 
     holder = types.SimpleNamespace(t3=t3, conds=None)
     report = accelerate(holder, **(options or {}))
+    turbo = getattr(t3, "is_gpt", False)
+    family = "turbo" if turbo else "multilingual" if t3.hp.is_multilingual else "english"
     result = T3BenchResult(tokens=tokens, check=str(report.check or "not run"),
-                           device=str(t3.device), dtype=(options or {}).get("dtype", "float32"),
-                           family="multilingual" if t3.hp.is_multilingual else "english")
-    t3_cond, _, _ = probe_inputs(t3, None, 1)
-    text = torch.randint(1, 700, (2, 42), generator=torch.Generator().manual_seed(0)).to(t3.device)
-    text[:, 0], text[:, -1] = t3.hp.start_text_token, t3.hp.stop_text_token
-    kwargs = dict(text_tokens=text, max_new_tokens=tokens, temperature=0.8, cfg_weight=0.5,
-                  repetition_penalty=1.2, min_p=0.05, top_p=1.0)
-    paths = {"original": lambda: type(t3).inference(t3, t3_cond=_fresh(t3_cond), **kwargs),
-             "accelerated": lambda: t3.inference(t3_cond=_fresh(t3_cond), **kwargs)}
+                           device=str(t3.device), dtype=(options or {}).get("dtype", "float32"), family=family)
+    t3_cond, _, _ = probe_inputs(t3, None, 1, 0.0 if turbo else 0.5)
+    text = torch.randint(1, 700, (1 if turbo else 2, 42), generator=torch.Generator().manual_seed(0)).to(t3.device)
+    if turbo:  # no CFG; generate()'s sampling defaults; tokens = 1 + max_gen_len
+        kwargs = dict(text_tokens=text, max_gen_len=tokens - 1, temperature=0.8, top_k=1000, top_p=0.95,
+                      repetition_penalty=1.2)
+        method = "inference_turbo"
+    else:
+        text[:, 0], text[:, -1] = t3.hp.start_text_token, t3.hp.stop_text_token
+        kwargs = dict(text_tokens=text, max_new_tokens=tokens, temperature=0.8, cfg_weight=0.5,
+                      repetition_penalty=1.2, min_p=0.05, top_p=1.0)
+        method = "inference"
+    paths = {"original": lambda: getattr(type(t3), method)(t3, t3_cond=_fresh(t3_cond), **kwargs),
+             "accelerated": lambda: getattr(t3, method)(t3_cond=_fresh(t3_cond), **kwargs)}
     try:
         for i in range(warmup + repeats):
             for name, run in paths.items():

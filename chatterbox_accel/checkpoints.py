@@ -385,6 +385,22 @@ def turbo_t3_config():
     return hp
 
 
+def tiny_turbo_t3(seed: int = 0, layers: int = 2, stop_after: int | None = None,
+                  prompt_tokens: int = TURBO_PROMPT_TOKENS):
+    """A Turbo T3 with a `layers`-deep GPT-2 (full width), random weights, shaped as
+    `_shape_turbo_head` shapes the full-size one. `layers=24` is the full-size model."""
+    from chatterbox.models.t3 import T3
+    from chatterbox.models.t3.llama_configs import GPT2_MEDIUM_CONFIG, LLAMA_CONFIGS
+
+    hp = turbo_t3_config()
+    if layers != GPT2_MEDIUM_CONFIG["n_layer"]:
+        hp.llama_config_name = f"{TINY_LLAMA}_gpt2_{layers}"
+        LLAMA_CONFIGS.setdefault(hp.llama_config_name, {**GPT2_MEDIUM_CONFIG, "n_layer": layers})
+    t3 = _seeded(seed, lambda: T3(hp)).eval()
+    del t3.tfmr.wte  # as ChatterboxTurboTTS.from_local does
+    return _shape_turbo_head(t3, stop_after, prompt_tokens)
+
+
 @torch.no_grad()
 def _shape_turbo_head(t3, stop_after: int | None = None, prompt_tokens: int = TURBO_PROMPT_TOKENS):
     """Turbo's counterpart of `_shape_speech_head` (GPT-2 backbone, `inference_turbo`).

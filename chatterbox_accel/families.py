@@ -4,7 +4,7 @@
 |---|---|---|---|
 | english | chatterbox.tts.ChatterboxTTS | Llama 520M | prepare_conditionals |
 | multilingual | chatterbox.mtl_tts.ChatterboxMultilingualTTS | Llama 520M + alignment analyzer (t3/alignment.py) | prepare_conditionals |
-| turbo | chatterbox.tts_turbo.ChatterboxTurboTTS | GPT-2 medium (`inference_turbo`) | prepare_conditionals |
+| turbo | chatterbox.tts_turbo.ChatterboxTurboTTS | GPT-2 medium (`inference_turbo`, t3/turbo.py) | prepare_conditionals |
 | vc | chatterbox.vc.ChatterboxVC | none | set_target_voice |
 
 Nothing here imports chatterbox modules the app has not imported itself: a model can only be
@@ -22,9 +22,6 @@ FAMILY_CLASSES = {
 }
 
 T3_FALLBACKS = {
-    "turbo": (
-        "Turbo's T3 is a GPT-2 decoded by T3.inference_turbo (no CFG, top-k, GPT-2 positions); "
-        "the fast decode loop is built for the Llama T3 only, so inference_turbo stays original"),
     "vc": "ChatterboxVC has no T3 (its speech tokens come from the source audio); voice side only",
 }
 
@@ -54,8 +51,6 @@ def t3_fallback_reason(model) -> str | None:
     t3 = getattr(model, "t3", None)
     if t3 is None:
         return T3_FALLBACKS["vc"]
-    if getattr(t3, "is_gpt", False):
-        return T3_FALLBACKS["turbo"]
     return None
 
 

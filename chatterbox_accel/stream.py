@@ -1,9 +1,9 @@
 """`generate_stream()`: audio chunks while T3 is still decoding.
 
 Per chunk:
-1. T3 yields a block of speech tokens: the fast runner's `token_blocks` (English, Multilingual),
-   while it decodes. Other models (Turbo, or any without the fast path) run their own
-   `generate()` up to the point it would call S3Gen, and the tokens it would synthesize are streamed.
+1. T3 yields a block of speech tokens: the fast runner's `token_blocks` (English, Multilingual,
+   Turbo), while it decodes. A model without the fast path runs its own `generate()` up to the
+   point it would call S3Gen, and the tokens it would synthesize are streamed.
 2. S3Gen's flow runs on the voice prompt + up to `context_tokens` earlier tokens + the new ones.
    Its noise is drawn once per stream and indexed by absolute frame, so a frame's noise never
    changes between chunks (and equals the one-shot's under the same seed). Until the last chunk
@@ -43,6 +43,7 @@ VOCODER_CONTEXT = 8          # mel frames of left context for each HiFT window
 HOLD = 4                     # mel frames held back per chunk and cross-faded into the next
 WATERMARK_CONTEXT = 24000    # samples of sent audio the watermarker sees before each new chunk
 MULTILINGUAL_MAX_NEW_TOKENS = 1000  # what ChatterboxMultilingualTTS.generate() hard-codes
+TURBO_MAX_TOKENS = 1 + 1000 + 3  # inference_turbo's first token + max_gen_len, + generate()'s silence
 # generate_stream()'s own options (the rest are the model's generate() options)
 STREAM_DEFAULTS = dict(max_new_tokens=1000, chunk_size=25, first_chunk_size=None, context_tokens=100,
                        watermark=True)
@@ -306,6 +307,10 @@ def _is_english(model) -> bool:
             and hasattr(getattr(model, "tokenizer", None), "text_to_tokens"))
 
 
+def _is_turbo(model) -> bool:
+    return getattr(model.t3, "is_gpt", False) and callable(getattr(model, "tokenizer", None))
+
+
 def _is_multilingual(model) -> bool:
     hp = getattr(model.t3, "hp", None)
     return (hp is not None and hp.is_multilingual and not getattr(model.t3, "is_gpt", False)
@@ -357,24 +362,35 @@ def _token_source(model, text, options, max_new_tokens, first_block, block):
     """(blocks of (ids, final), a callable giving the most tokens there can be)."""
     from .api import fast_inference_of
 
-    fast = fast_inference_of(model) if _is_english(model) or _is_multilingual(model) else None
+    fast = fast_inference_of(model) if _is_english(model) or _is_multilingual(model) or _is_turbo(model) else None
     if fast is not None and fast.disabled is None:
         if _is_multilingual(model):
             max_new_tokens = MULTILINGUAL_MAX_NEW_TOKENS
+        if _is_turbo(model):
+            max_new_tokens = TURBO_MAX_TOKENS
         return _fast_blocks(model, fast, text, options, max_new_tokens, first_block, block), lambda: max_new_tokens
     box = {}
     return _generate_blocks(model, text, options, first_block, block, box), lambda: box["n"]
 
 
 def _fast_blocks(model, fast, text, options, max_new_tokens, first_block, block):
-    """The fast runner (English or Multilingual), block by block while it decodes; the original
-    path if it fails before the first block."""
+    """The fast runner (English, Multilingual, Turbo), block by block while it decodes; the
+    original path if it fails before the first block."""
     opts = {**_generate_options(model), **options}
-    text_tokens = _prepare(model, text, opts["audio_prompt_path"], opts["exaggeration"], opts["cfg_weight"],
-                           opts.get("language_id"))
-    t3_opts = {k: opts[k] for k in ("repetition_penalty", "min_p", "top_p", "cfg_weight", "temperature")}
-    blocks = fast.stream(dict(t3_opts, t3_cond=model.conds.t3, text_tokens=text_tokens,
-                              max_new_tokens=max_new_tokens), first_block, block)
+    tail = None
+    if _is_turbo(model):
+        from chatterbox.models.s3gen.const import S3GEN_SIL
+
+        t3_opts = {k: opts[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")}
+        text_tokens = _prepare_turbo(model, text, opts)
+        blocks = fast.stream(dict(t3_opts, t3_cond=model.conds.t3, text_tokens=text_tokens), first_block, block)
+        tail = torch.tensor([S3GEN_SIL] * 3)  # generate() appends 3 silence tokens before S3Gen
+    else:
+        text_tokens = _prepare(model, text, opts["audio_prompt_path"], opts["exaggeration"], opts["cfg_weight"],
+                               opts.get("language_id"))
+        t3_opts = {k: opts[k] for k in ("repetition_penalty", "min_p", "top_p", "cfg_weight", "temperature")}
+        blocks = fast.stream(dict(t3_opts, t3_cond=model.conds.t3, text_tokens=text_tokens,
+                                  max_new_tokens=max_new_tokens), first_block, block)
     try:
         ids, final = next(blocks)
     except Exception as exc:  # nothing streamed yet: the original T3 can still answer
@@ -384,7 +400,8 @@ def _fast_blocks(model, fast, text, options, max_new_tokens, first_block, block)
         yield from _generate_blocks(model, text, options, first_block, block, {})
         return
     while True:
-        yield ids[ids < SPEECH_VOCAB], final  # generate() drops EOS and any other special id
+        ids = ids[ids < SPEECH_VOCAB]  # generate() drops EOS and any other special id
+        yield (torch.cat([ids, tail.to(ids.device)]) if final and tail is not None else ids), final
         if final:
             return
         ids, final = next(blocks)
@@ -423,6 +440,19 @@ def _generate_blocks(model, text, options, first_block, block, box):
         if start + size >= ids.numel():
             return
         start, size = start + size, block
+
+
+def _prepare_turbo(model, text, opts):
+    """`ChatterboxTurboTTS.generate` up to T3 (chatterbox 0.1.7): voice, warning, text tokens."""
+    from chatterbox.tts_turbo import punc_norm
+
+    if opts["audio_prompt_path"]:
+        model.prepare_conditionals(opts["audio_prompt_path"], exaggeration=opts["exaggeration"],
+                                   norm_loudness=opts["norm_loudness"])
+    if opts["cfg_weight"] > 0.0 or opts["exaggeration"] > 0.0 or opts["min_p"] > 0.0:
+        logger.warning("CFG, min_p and exaggeration are not supported by Turbo version and will be ignored.")
+    tokens = model.tokenizer(punc_norm(text), return_tensors="pt", padding=True, truncation=True)
+    return tokens.input_ids.to(model.device)
 
 
 def _prepare(model, text, audio_prompt_path, exaggeration, cfg_weight, language_id=None):

@@ -4,7 +4,7 @@
 Same random weights (full-size T3 unless --layers), CFG batch 2, N tokens per run, warm-up then
 alternating repeats; prints a table, then one JSON line last.
 
-    python scripts/bench_t3.py --tokens 40 --repeats 3 [--multilingual]
+    python scripts/bench_t3.py --tokens 40 --repeats 3 [--multilingual | --turbo]
 """
 import argparse
 import logging
@@ -15,7 +15,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the original's per-step progress b
 import torch  # noqa: E402
 
 from chatterbox_accel.benchmark import bench_t3, json_line  # noqa: E402
-from chatterbox_accel.checkpoints import full_t3, tiny_t3  # noqa: E402
+from chatterbox_accel.checkpoints import full_t3, tiny_t3, tiny_turbo_t3  # noqa: E402
 
 
 def main():
@@ -28,11 +28,15 @@ def main():
     ap.add_argument("--layers", type=int, default=0, help="tiny T3 with this many layers (0 = full size)")
     ap.add_argument("--multilingual", action="store_true",
                     help="multilingual T3 (its original loop runs the alignment analyzer on eager attention)")
+    ap.add_argument("--turbo", action="store_true", help="Turbo's GPT-2 T3 (inference_turbo, 375-token voice prompt)")
     ap.add_argument("--no-compile", action="store_true", help="disable torch.compile / CUDA graphs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     mtl = args.multilingual
-    t3 = (tiny_t3(layers=args.layers, multilingual=mtl) if args.layers else full_t3(multilingual=mtl)).to(args.device)
+    if args.turbo:
+        t3 = tiny_turbo_t3(layers=args.layers or 24).to(args.device)
+    else:
+        t3 = (tiny_t3(layers=args.layers, multilingual=mtl) if args.layers else full_t3(multilingual=mtl)).to(args.device)
     options = {"dtype": args.dtype}
     if args.no_compile:
         options.update(compile=False, cuda_graphs=False)

@@ -1,0 +1,313 @@
+"""Turbo's T3 (a GPT-2 medium) on a static KV cache: `T3.inference_turbo`, fast.
+
+It reproduces `T3.inference_turbo` (chatterbox 0.1.7) token for token in distribution:
+- prompt = `prepare_input_embeds(cond, text, BOS)` (no CFG, no learned positions); GPT-2 adds
+  its own absolute position embedding `wpe`; each sampled token is fed back as `speech_emb` only;
+- logits processors in upstream's order: temperature (skipped unless 0 < t != 1) -> top-k (if
+  k > 0) -> top-p (if p < 1) -> repetition penalty (if != 1) -> softmax -> sample. The
+  penalty's id list is BOS for the first token, then only the tokens generated so far;
+- the first token never stops the loop (upstream checks EOS only inside its loop); up to
+  1 + max_gen_len tokens; a trailing EOS is removed; if every score is -inf, it stops there.
+
+Beyond the static cache, the conditioning prefix's K/V (speaker + voice prompt: 376 of the
+~390 prompt positions) is kept in the cache and reused while the voice stays the same
+(see `TurboRunner.prefill`): a call then runs ~15 prompt positions instead of ~390.
+
+The GPT-2 forward reuses the HF modules and weights (`ln_1`, `c_attn`, `c_proj`, `mlp`, `ln_f`,
+`wpe`); attention is SDPA over the static cache (flash-attn where selected), never eager.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .cache import StaticKVCache
+from .decode import _round_up
+from .model import sdpa_attention
+from .sampling import sample
+
+logger = logging.getLogger(__name__)
+
+# T3.inference_turbo's keyword defaults in chatterbox-tts 0.1.7.
+TURBO_DEFAULTS = dict(temperature=0.8, top_k=1000, top_p=0.95, repetition_penalty=1.2, max_gen_len=1000)
+
+
+def conv1d(module, x):
+    """transformers' GPT-2 `Conv1D`: x @ W + b, with W stored (in, out)."""
+    out = torch.addmm(module.bias, x.reshape(-1, x.shape[-1]), module.weight)
+    return out.view(*x.shape[:-1], module.weight.shape[1])
+
+
+class FastGPT2:
+    """`forward(x, input_pos, cache, kv_len)` for one HF GPT2Model; returns ln_f hidden."""
+
+    def __init__(self, gpt2, attention=sdpa_attention):
+        cfg = gpt2.config
+        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or not getattr(cfg, "scale_attn_weights", True):
+            raise ValueError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not implemented")
+        if getattr(cfg, "add_cross_attention", False):
+            raise ValueError("GPT-2 with cross-attention is not a chatterbox Turbo T3")
+        self.gpt2 = gpt2
+        self.blocks = list(gpt2.h)
+        self.n_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.attention = attention
+
+    @property
+    def dtype(self):
+        return self.gpt2.ln_f.weight.dtype
+
+    @property
+    def device(self):
+        return self.gpt2.ln_f.weight.device
+
+    def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        return StaticKVCache(len(self.blocks), batch, self.n_heads, max_len, self.head_dim, self.dtype, self.device)
+
+    def forward(self, x, input_pos, cache: StaticKVCache, kv_len: int):
+        B, S, C = x.shape
+        x = x + self.gpt2.wpe(input_pos)[None]
+        for i, block in enumerate(self.blocks):
+            q, k, v = conv1d(block.attn.c_attn, block.ln_1(x)).split(C, dim=2)
+            q, k, v = (t.view(B, S, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            k_buf, v_buf = cache.update(i, input_pos, k, v)
+            out = self.attention(q, k_buf, v_buf, input_pos, kv_len)  # (B, H, S, D)
+            x = x + conv1d(block.attn.c_proj, out.transpose(1, 2).reshape(B, S, C))
+            mlp = block.mlp
+            x = x + conv1d(mlp.c_proj, mlp.act(conv1d(mlp.c_fc, block.ln_2(x))))
+        return self.gpt2.ln_f(x)
+
+
+@dataclass
+class TurboParams:
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+
+    @classmethod
+    def make(cls, *, temperature, top_k, top_p, repetition_penalty):
+        """Upstream's options, with the errors its processors would raise, raised up front."""
+        if top_k > 0 and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+            raise ValueError(f"top_k must be an integer (0 disables it), got {top_k!r}")
+        if top_p < 0:
+            raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+        if repetition_penalty != 1.0 and not repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        return cls(float(temperature), int(top_k), float(top_p), float(repetition_penalty))
+
+
+def turbo_scores(logits: torch.Tensor, presence: torch.Tensor, p: TurboParams) -> torch.Tensor:
+    """(1, V) logits -> scores, through upstream's processors in upstream's order."""
+    scores = logits.float()
+    if 0 < p.temperature != 1.0:
+        scores = scores / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(scores, min(p.top_k, scores.shape[-1])).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        remove_sorted = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - p.top_p)
+        remove_sorted[..., -1:] = False
+        scores = scores.masked_fill(remove_sorted.scatter(1, order, remove_sorted), float("-inf"))
+    if p.repetition_penalty != 1.0:
+        r = p.repetition_penalty
+        scores = torch.where(presence, torch.where(scores < 0, scores * r, scores / r), scores)
+    return scores
+
+
+class TurboRunner:
+    """Fast `inference_turbo` for one Turbo `T3`. Owns the static KV cache."""
+
+    def __init__(self, t3, *, attention=sdpa_attention, dtype=None, kv_bucket: int | None = 32,
+                 static_cache=True):
+        self.t3, self.hp = t3, t3.hp
+        self.tfmr, self.speech_head = t3.tfmr, t3.speech_head
+        if dtype is not None and dtype != t3.speech_head.weight.dtype:
+            # Reduced precision runs on a private copy: the user's model is never cast.
+            self.tfmr = copy.deepcopy(t3.tfmr).to(dtype)
+            self.speech_head = copy.deepcopy(t3.speech_head).to(dtype)
+        self.gpt2 = FastGPT2(self.tfmr, attention)
+        self.heads = []  # no alignment analyzer (shared interface with T3Runner)
+        self.kv_bucket, self.static_cache = kv_bucket, static_cache
+        self.cache: StaticKVCache | None = None
+        self._owner = None
+        self._prefix = None  # (cache, conditioning embeddings) whose K/V sit in that cache's first slots
+
+    def build_prompt(self, t3_cond, text_tokens) -> tuple[torch.Tensor, int]:
+        """(prompt embeddings (1, P, C), length of its conditioning prefix)."""
+        text_tokens = torch.atleast_2d(text_tokens).to(self.t3.device)
+        bos = self.hp.start_speech_token * torch.ones_like(text_tokens[:, :1])
+        return self.t3.prepare_input_embeds(t3_cond=t3_cond, text_tokens=text_tokens,
+                                            speech_tokens=bos, cfg_weight=0.0)
+
+    def prefill(self, embeds, len_cond: int, cache) -> torch.Tensor:
+        """Run the prompt; return the last position's logits (1, V).
+
+        The conditioning prefix (speaker + up to 375 voice-prompt tokens, most of the prompt)
+        is the same for every call with the same voice, and GPT-2 is causal: its K/V depend on
+        it alone. So when the prefix equals the one already in this cache, only the text and
+        BOS positions are run, attending to the cached prefix (same math; rounding differs).
+        """
+        P, device = embeds.shape[1], embeds.device
+        prefix = embeds[:, :len_cond]
+        kept = self._prefix
+        start = 0
+        if (kept is not None and kept[0] is cache and kept[1].shape == prefix.shape
+                and torch.equal(kept[1], prefix)):
+            start = len_cond
+        self._prefix = None  # the cache is being written: valid again once this prefill is done
+        logits = self.logits(embeds[:, start:], torch.arange(start, P, device=device), cache, P)
+        if self.static_cache and len_cond > 0:
+            self._prefix = (cache, prefix.clone())
+        return logits
+
+    def get_cache(self, batch: int, length: int) -> StaticKVCache:
+        length = _round_up(length, self.kv_bucket or 256)
+        dtype, device = self.gpt2.dtype, self.gpt2.device
+        if self.static_cache and self.cache is not None and self.cache.fits(batch, length, dtype, device):
+            return self.cache
+        self.cache = None
+        cache = self.gpt2.new_cache(batch, length)
+        if self.static_cache:
+            self.cache = cache
+        return cache
+
+    def kv_len_for(self, position: int, cache) -> int:
+        if self.kv_bucket is None:
+            return cache.max_len
+        return min(_round_up(position + 1, self.kv_bucket), cache.max_len)
+
+    def logits(self, x, input_pos, cache, kv_len) -> torch.Tensor:
+        hidden = self.gpt2.forward(x.to(self.gpt2.dtype), input_pos, cache, kv_len)
+        return self.speech_head(hidden[:, -1])  # (B, V)
+
+    def generate(self, embeds, len_cond: int, params: TurboParams, max_gen_len: int) -> torch.Tensor:
+        """(1, N) speech tokens, as `inference_turbo` returns them (trailing EOS removed)."""
+        tokens = torch.cat([ids for ids, _ in self.token_blocks(embeds, len_cond, params, max_gen_len)])
+        return tokens[None]
+
+    def token_blocks(self, embeds, len_cond: int, params: TurboParams, max_gen_len: int,
+                     first_block: int | None = None, block: int | None = None):
+        """Decode, yielding `(new ids (1-D), finished)` every `block` tokens (`first_block` first);
+        without sizes, one yield at the end. A trailing EOS is dropped, as upstream drops it (an
+        EOS sampled first does not stop upstream's loop, and stays in its output, as here).
+        Like `T3Runner.token_blocks`, a paused decode whose cache another one took raises."""
+        owner = self._owner = object()
+        eos, device = self.hp.stop_speech_token, embeds.device
+        total = 1 + max_gen_len
+        with torch.inference_mode():
+            B, P, _ = embeds.shape
+            cache = self.get_cache(B, P + total)
+            presence = torch.zeros(1, self.hp.speech_tokens_dict_size, dtype=torch.bool, device=device)
+            presence[0, self.hp.start_speech_token] = True  # upstream's first id list: the BOS
+            out = torch.empty(total, dtype=torch.long, device=device)
+            logits = self.prefill(embeds, len_cond, cache)
+        n, emitted, target, finished = 0, 0, first_block or total, False
+        while True:
+            with torch.inference_mode():
+                scores = turbo_scores(logits, presence, params)
+                if n > 0 and bool(torch.isneginf(scores).all()):
+                    logger.warning("chatterbox_accel: all Turbo logits are -inf; stopping (as upstream)")
+                    finished = True
+                else:
+                    token = sample(scores)
+                    if n == 0:
+                        presence.zero_()  # from now on, the generated tokens only
+                    presence.index_fill_(1, token, True)
+                    out[n : n + 1].copy_(token)
+                    n += 1
+                    finished = n >= total or (n > 1 and int(token) == eos)
+            if finished or n - emitted >= target:
+                ids = out[emitted:n]
+                if finished and n >= 1 and int(out[n - 1]) == eos:
+                    ids = ids[:-1]
+                yield (ids.clone() if block else ids), finished
+                if finished:
+                    return
+                if self._owner is not owner:
+                    raise RuntimeError("another generation ran on this model's T3 while this one was "
+                                       "paused; finish or close a stream before starting the next")
+                emitted, target = n, block or total
+            with torch.inference_mode():
+                pos = torch.full((1,), P + n - 1, dtype=torch.long, device=device)
+                x = self.t3.speech_emb(out[n - 1 : n])[None]  # (1, 1, C)
+                logits = self.logits(x, pos, cache, self.kv_len_for(P + n - 1, cache))
+
+    @torch.inference_mode()
+    def teacher_forced_logits(self, embeds, len_cond: int, forced: torch.Tensor) -> torch.Tensor:
+        """Speech logits (N+1, V) after the prompt and after each forced token (N,)."""
+        B, P, _ = embeds.shape
+        cache = self.get_cache(B, P + forced.numel() + 1)
+        out = [self.prefill(embeds, len_cond, cache)]
+        for n, token in enumerate(forced.view(-1)):
+            pos = torch.full((1,), P + n, dtype=torch.long, device=embeds.device)
+            x = self.t3.speech_emb(token.view(1, 1))
+            out.append(self.logits(x, pos, cache, self.kv_len_for(P + n, cache)))
+        return torch.cat(out).float()
+
+
+@torch.inference_mode()
+def turbo_reference_logits(t3, embeds, forced) -> torch.Tensor:
+    """The untouched HF GPT-2 over prompt + forced tokens in one forward: logits (N+1, V)."""
+    seq = torch.cat([embeds, t3.speech_emb(forced.view(1, -1))], dim=1)
+    hidden = t3.tfmr(inputs_embeds=seq, use_cache=False)[0]
+    return t3.speech_head(hidden[0, embeds.shape[1] - 1 :]).float()
+
+
+class FastTurboInference:
+    """wrapt wrapper for `T3.inference_turbo`: the fast runner, or the original on failure."""
+
+    def __init__(self, runner: TurboRunner):
+        self.runner = runner
+        self.disabled: str | None = None
+        self.calls = {"fast": 0, "original": 0}
+
+    def __call__(self, wrapped, instance, args, kwargs):
+        reason = self.disabled or _unsupported(args, kwargs)
+        if reason is None:
+            try:
+                tokens = self.run(kwargs)
+                self.calls["fast"] += 1
+                return tokens
+            except ValueError:
+                raise
+            except Exception as exc:
+                self.disabled = f"{type(exc).__name__}: {exc}"
+                logger.warning("chatterbox_accel: fast Turbo T3 decode failed (%s); this model now uses "
+                               "the original T3.inference_turbo. Call restore(model) to remove the patches.",
+                               self.disabled)
+        else:
+            logger.debug("chatterbox_accel: original T3.inference_turbo for this call (%s)", reason)
+        self.calls["original"] += 1
+        return wrapped(*args, **kwargs)
+
+    def run(self, kwargs) -> torch.Tensor:
+        return torch.cat([ids for ids, _ in self.stream(kwargs)])[None]
+
+    def stream(self, kwargs, first_block: int | None = None, block: int | None = None):
+        opts = {**TURBO_DEFAULTS, **kwargs}
+        params = TurboParams.make(temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"],
+                                  repetition_penalty=opts["repetition_penalty"])
+        max_gen_len = int(opts["max_gen_len"])
+        if max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
+        with torch.inference_mode():
+            embeds, len_cond = self.runner.build_prompt(opts["t3_cond"], opts["text_tokens"])
+        return self.runner.token_blocks(embeds, len_cond, params, max_gen_len, first_block, block)
+
+
+def _unsupported(args, kwargs) -> str | None:
+    if args:
+        return "positional arguments"
+    unknown = set(kwargs) - set(TURBO_DEFAULTS) - {"t3_cond", "text_tokens"}
+    if unknown:
+        return f"unknown arguments {sorted(unknown)}"
+    if "t3_cond" not in kwargs or "text_tokens" not in kwargs:
+        return "t3_cond or text_tokens missing"
+    if torch.atleast_2d(kwargs["text_tokens"]).shape[0] != 1:
+        return "a batch of texts"
+    return None

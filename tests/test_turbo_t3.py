@@ -1,0 +1,153 @@
+"""Turbo T3 (GPT-2): the fast `inference_turbo` vs the original, same weights and seed.
+
+A 2-layer full-width Turbo T3 with random weights. On CPU, `torch.multinomial` draws the way the
+fast sampler's exponential race does, so under one seed both sample the same tokens whenever
+their logits agree to rounding: the tests compare token lists exactly.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from chatterbox_accel import accelerate, restore
+from chatterbox_accel.api import fast_inference_of, runner_of
+from chatterbox_accel.check import probe_inputs
+from chatterbox_accel.checkpoints import tiny_turbo_t3
+from conftest import holder
+
+EOS = 6562
+
+
+@pytest.fixture(scope="module")
+def t3():
+    # the probe voice has 375 prompt tokens (as a >= 15 s reference gives): EOS after ~30 text +
+    # speech tokens, i.e. ~18 speech tokens for the 12-token probe text
+    return tiny_turbo_t3(layers=2, stop_after=30, prompt_tokens=375)
+
+
+def voice(t3, seed=1234):
+    conds, _, _ = probe_inputs(t3, None, 1, 0.0)
+    if seed != 1234:
+        g = torch.Generator().manual_seed(seed)
+        conds = dataclasses.replace(conds, speaker_emb=torch.randn(conds.speaker_emb.shape, generator=g))
+    return conds
+
+
+def text_of(t3):
+    return probe_inputs(t3, None, 1, 0.0)[1][:1]
+
+
+def original(t3, seed=0, conds=None, **kwargs):
+    torch.manual_seed(seed)
+    conds = conds or voice(t3)
+    return type(t3).inference_turbo(t3, t3_cond=dataclasses.replace(conds, cond_prompt_speech_emb=None),
+                                    text_tokens=text_of(t3), **kwargs)
+
+
+def fast(t3, seed=0, conds=None, **kwargs):
+    torch.manual_seed(seed)
+    conds = conds or voice(t3)
+    return t3.inference_turbo(t3_cond=dataclasses.replace(conds, cond_prompt_speech_emb=None),
+                              text_tokens=text_of(t3), **kwargs)
+
+
+@pytest.fixture
+def accelerated(t3):
+    model = holder(t3)
+    report = accelerate(model)
+    yield model, report
+    restore(model)
+
+
+@pytest.mark.parametrize("options", [
+    dict(),  # generate()'s defaults: temperature 0.8, top_k 1000, top_p 0.95, penalty 1.2
+    dict(temperature=1e-6, top_k=50),
+    dict(temperature=0.8, top_k=0, top_p=1.0, repetition_penalty=1.0),  # every processor off
+    dict(temperature=1.0, top_k=5, top_p=0.5, repetition_penalty=2.0),
+    dict(temperature=0.0),  # upstream skips the temperature warper for t <= 0
+    dict(max_gen_len=0),  # one token
+])
+def test_same_tokens_as_the_original(t3, accelerated, options):
+    options = {"max_gen_len": 40, **options}
+    expected = original(t3, **options)
+    assert fast(t3, **options).tolist() == expected.tolist()
+    assert expected.shape[1] == 1 if options["max_gen_len"] == 0 else 10 < expected.shape[1] < 40
+    assert fast_inference_of(accelerated[0]).calls["fast"] == 1
+
+
+def test_report_and_output_check(accelerated):
+    _, report = accelerated
+    assert "t3.static_kv_cache" in report.applied and "t3" not in report.fallbacks
+    assert report.check.passed and report.check.rel_diff < 1e-5
+
+
+def test_stops_at_eos_and_drops_it_like_the_original(t3, accelerated):
+    expected = original(t3, max_gen_len=200)
+    out = fast(t3, max_gen_len=200)
+    assert out.tolist() == expected.tolist()
+    assert 5 < out.shape[1] < 200 and EOS not in out.tolist()[0]  # the shaped head stopped it
+
+
+def test_an_eos_sampled_first_does_not_stop_it_as_upstream():
+    t3 = tiny_turbo_t3(layers=2, prompt_tokens=150, seed=3)
+    with torch.no_grad():
+        t3.speech_head.bias[EOS] = 50.0  # EOS every time
+    expected = original(t3, max_gen_len=10)
+    model = holder(t3)
+    accelerate(model)
+    try:
+        assert fast(t3, max_gen_len=10).tolist() == expected.tolist() == [[EOS]]
+    finally:
+        restore(model)
+
+
+def test_voice_prefix_is_reused_and_invalidated_exactly(t3, accelerated, monkeypatch):
+    runner = runner_of(accelerated[0])
+    fed = []
+    logits = runner.logits
+    monkeypatch.setattr(runner, "logits", lambda x, *a: fed.append(x.shape[1]) or logits(x, *a))
+    a, b = voice(t3, seed=7), voice(t3, seed=8)
+    prompt_lengths = []
+    for conds in (a, a, b, b, a):
+        fed.clear()
+        out = fast(t3, conds=conds, max_gen_len=20)
+        prompt_lengths.append(fed[0])
+        assert out.tolist() == original(t3, conds=conds, max_gen_len=20).tolist()
+    text_and_bos = text_of(t3).shape[1] + 1
+    # a new voice: the whole prompt; the next call with the same voice: text + BOS only
+    full = 1 + 375 + text_and_bos
+    assert prompt_lengths == [full, text_and_bos, full, text_and_bos, full]
+
+
+def test_bad_options_raise_before_work(t3, accelerated):
+    with pytest.raises(ValueError, match="top_k must be an integer"):
+        fast(t3, top_k=5.5)
+    with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
+        fast(t3, repetition_penalty=0.0)
+    with pytest.raises(ValueError, match="max_gen_len"):
+        fast(t3, max_gen_len=-1)
+
+
+def test_wrong_forward_fails_the_output_check_and_restores(t3, monkeypatch):
+    import chatterbox_accel.t3.turbo as turbo
+
+    right = turbo.conv1d
+    monkeypatch.setattr(turbo, "conv1d", lambda module, x: right(module, x) * 1.01)
+    model = holder(t3)
+    with pytest.warns(RuntimeWarning, match="output check"):
+        report = accelerate(model)
+    assert report.restored and not report.check.passed
+    assert "inference_turbo" not in t3.__dict__
+
+
+def test_run_time_failure_falls_back_to_the_original(t3, accelerated, monkeypatch):
+    runner = runner_of(accelerated[0])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected: GPT-2 step failed")
+
+    monkeypatch.setattr(runner, "token_blocks", broken)
+    expected = original(t3, max_gen_len=10)
+    assert fast(t3, max_gen_len=10).tolist() == expected.tolist()
+    wrapper = fast_inference_of(accelerated[0])
+    assert "injected" in wrapper.disabled and wrapper.calls["original"] == 1
