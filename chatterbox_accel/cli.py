@@ -5,9 +5,9 @@
     chatterbox-accel check [--checkpoint DIR] [--option check_steps=16]
     chatterbox-accel make-checkpoint DIR [--stop-after 75] [--seed 0]
 
-Models load from the Hugging Face hub (chatterbox's own `from_pretrained` files) unless
-`--checkpoint DIR` names a local folder in the official layout. Only the English model is
-accelerated so far; other families are refused with a clear message, never faked.
+Each takes `--model english|multilingual|turbo` (make-checkpoint: `--family`); Multilingual
+also `--language xx` (default en). Models load from the Hugging Face hub (chatterbox's own
+`from_pretrained`) unless `--checkpoint DIR` names a local folder in the official layout.
 
 Exit codes: 0 ok; 1 the output check failed (check, bench); 2 bad arguments, missing files or
 an unsupported model; 3 the Hugging Face hub is unreachable (pass --checkpoint DIR instead).
@@ -17,6 +17,7 @@ Arguments are validated before torch is imported, so mistakes fail in well under
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import warnings
 from pathlib import Path
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_HUB = 0, 1, 2, 3
+_RESULTS = sys.stdout  # where results go: main() keeps the real stdout here
 FAMILIES = ("english", "multilingual", "turbo")
 DEFAULT_CHART = "chatterbox_accel_bench.png"
 HUB_HINT = ("pass --checkpoint DIR with a local copy of the weights, or write random weights "
@@ -48,8 +50,13 @@ def main(argv=None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    global _RESULTS
+    _RESULTS = sys.stdout
     try:
-        return args.run(args)
+        # chatterbox prints progress of its own (PerthNet loading, "S3 Token -> Mel Inference...")
+        # to stdout; stdout is for results only, so everything else goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            return args.run(args)
     except CliError as exc:
         print(f"chatterbox-accel {args.command}: error: {exc}", file=sys.stderr)
         return exc.code
@@ -115,11 +122,9 @@ def _add_say(sub):
     say.add_argument("text", metavar="TEXT")
     say.add_argument("-o", "--output", required=True, help="audio file to write (.wav, .flac, ...)")
     say.add_argument("--voice", help="reference audio of the voice to clone (default: the built-in voice)")
-    say.add_argument("--model", choices=FAMILIES, default="english")
-    say.add_argument("--language", help="language id; only with --model multilingual")
     say.add_argument("--no-accel", action="store_true", help="run chatterbox's original code")
-    say.add_argument("--exaggeration", type=_number(0, False), default=0.5)
-    say.add_argument("--cfg-weight", type=_number(0, False), default=0.5)
+    say.add_argument("--exaggeration", type=_number(0, False), help="default 0.5 (not for turbo)")
+    say.add_argument("--cfg-weight", type=_number(0, False), help="default 0.5 (not for turbo)")
     say.add_argument("--temperature", type=_number(0, True), default=0.8)
     say.add_argument("--seed", type=_number(0, False, int), help="torch seed, for repeatable sampling")
     _add_model_args(say, cmd_say)
@@ -151,7 +156,8 @@ def _add_make_checkpoint(sub):
     make.add_argument("--family", choices=FAMILIES, default="english")
     make.add_argument("--seed", type=_number(0, False, int), default=0)
     make.add_argument("--stop-after", type=_number(1, False, int), default=75,
-                      help="T3 stops after about N speech tokens (25 = 1 s of audio; default 75)")
+                      help="T3 stops after about N speech tokens (25 = 1 s of audio; default 75); "
+                           "turbo: text + speech tokens, with the built-in voice")
     make.add_argument("--voice-seconds", type=_number(1, False), default=10.0,
                       help="length of the built-in voice (10, as chatterbox's; S3Gen re-reads it every call)")
     make.add_argument("--small", action="store_true", help="a small T3 (refused: from_local cannot load it)")
@@ -161,6 +167,8 @@ def _add_make_checkpoint(sub):
 
 def _add_model_args(p, run, checkpoint_help="local checkpoint folder (default: the official weights "
                                              "from the Hugging Face hub)"):
+    p.add_argument("--model", choices=FAMILIES, default="english", help="model family (default english)")
+    p.add_argument("--language", help="language id for --model multilingual (default en)")
     p.add_argument("--checkpoint", metavar="DIR", help=checkpoint_help)
     p.add_argument("--device", choices=("cpu", "cuda", "mps"), help="default: cuda, else mps, else cpu")
     p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
@@ -172,14 +180,14 @@ def _add_model_args(p, run, checkpoint_help="local checkpoint folder (default: t
 def cmd_say(args) -> int:
     if not args.text.strip():
         raise CliError("TEXT is empty; pass the words to speak")
-    _check_family(args.model, args.language)
+    generate_kwargs = _generate_kwargs(args)
     out = _output_file(args.output)
     voice = _input_file(args.voice, "--voice") if args.voice else None
     if args.no_accel and args.option:
         raise CliError("--option has no effect with --no-accel; drop one of them")
     options = _options(args.option)
     device = _device(args.device)
-    model = _load_english(args.checkpoint, device)
+    model = _load(args.model, args.checkpoint, device)
     if not args.no_accel:
         _accelerate(model, options)
     import torch
@@ -188,8 +196,7 @@ def cmd_say(args) -> int:
         torch.manual_seed(args.seed)
     _progress(f"generating speech for {len(args.text)} characters")
     start = time.perf_counter()
-    wav = model.generate(args.text, audio_prompt_path=voice, exaggeration=args.exaggeration,
-                         cfg_weight=args.cfg_weight, temperature=args.temperature)
+    wav = model.generate(args.text, audio_prompt_path=voice, temperature=args.temperature, **generate_kwargs)
     _write_audio(out, wav, model.sr)
     _progress(f"wrote {out} ({wav.shape[-1] / model.sr:.2f} s of audio at {model.sr} Hz) "
               f"in {time.perf_counter() - start:.1f} s")
@@ -199,25 +206,28 @@ def cmd_say(args) -> int:
 def cmd_bench(args) -> int:
     from . import e2e
 
+    generate_kwargs = _generate_kwargs(args, sampling=False)
     options = _options(args.option)
     voice = _input_file(args.voice, "--voice") if args.voice else None
     chart = _chart_path(args)
     device = _device(args.device)
     results = []
-    for folder, lengths in _bench_plan(args.checkpoint, args.lengths):
-        model = _load_english(str(folder), device)
+    model_class = FAMILY_CLASSES[args.model][1]
+    for folder, lengths in _bench_plan(args.checkpoint, args.lengths, args.model, voice):
+        model = _load(args.model, str(folder), device)
         for seconds in lengths:
-            results.append(_bench_one(model, seconds, voice, options, args))
+            results.append(_bench_one(model, seconds, voice, options, args, generate_kwargs))
         del model
-    bench = e2e.E2EBenchmark(results, device=device, options=options, memory=e2e.memory_method(device))
+    bench = e2e.E2EBenchmark(results, device=device, options=options, memory=e2e.memory_method(device),
+                             family=args.model, model_class=model_class)
     if not args.json_only:
-        print(bench.table(), flush=True)
+        _result(bench.table())
     if chart is not None:
         e2e.write_chart(bench, chart)
         _progress(f"chart written to {chart.resolve()}")
     from .benchmark import json_line
 
-    print(json_line(bench.summary()), flush=True)
+    _result(json_line(bench.summary()))
     return EXIT_OK
 
 
@@ -225,47 +235,61 @@ def cmd_check(args) -> int:
     options = _options(args.option)
     if options.get("check") is False or options.get("t3") is False:
         raise CliError("check runs the output check of the T3 fast path; drop --option check=false / t3=false")
+    _generate_kwargs(args, sampling=False)  # --language only with multilingual
     device = _device(args.device)
-    model = _load_english(args.checkpoint, device)
+    model = _load(args.model, args.checkpoint, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a failed check: the report says it
         report = _accelerate(model, options, show=False)
-    print(report, flush=True)
+    _result(str(report))
     return EXIT_OK if report.check is not None and report.check.passed else EXIT_CHECK_FAILED
 
 
 def cmd_make_checkpoint(args) -> int:
-    if args.family != "english":
-        raise CliError(f"--family {args.family} is not supported yet: chatterbox_accel accelerates (and writes "
-                       "random checkpoints for) the English model only; use --family english")
     if args.small:
         raise CliError("--small is refused: chatterbox's ChatterboxTTS.from_local always builds the full-size "
                        "T3 (520M Llama), so a small checkpoint would not load; omit --small (or, in Python, "
                        "use chatterbox_accel.checkpoints.tiny_english_model for a 2-layer T3)")
+    if args.family == "turbo" and args.voice_seconds < 5:
+        raise CliError("--voice-seconds must be >= 5 for turbo (its prepare_conditionals refuses shorter voices)")
     folder = Path(args.dir).expanduser()
     settings = dict(seed=args.seed, stop_after=args.stop_after, voice_seconds=args.voice_seconds)
     described = ", ".join(f"{k}={v}" for k, v in settings.items())
-    if _existing_checkpoint(folder, settings, args.overwrite) and not args.overwrite:
-        print(f"{folder} already holds this checkpoint ({described}); left as is", flush=True)
+    if _existing_checkpoint(folder, settings, args.overwrite, args.family) and not args.overwrite:
+        _result(f"{folder} already holds this checkpoint ({described}); left as is")
         return EXIT_OK
-    from .checkpoints import write_english_checkpoint
-
-    _progress(f"writing a random-weight English checkpoint to {folder} (about 3.2 GB; takes a minute)")
-    write_english_checkpoint(folder, overwrite=True, **settings)
-    print(f"wrote a random-weight English checkpoint to {folder} ({described}); "
-          f"use it with --checkpoint {folder}", flush=True)
+    _progress(f"writing a random-weight {args.family} checkpoint to {folder} (about 3 GB; takes a minute)")
+    _writer(args.family)(folder, overwrite=True, **settings)
+    use = "" if args.family == "english" else f" --model {args.family}"
+    _result(f"wrote a random-weight {args.family} checkpoint to {folder} ({described}); "
+            f"use it with{use} --checkpoint {folder}")
     return EXIT_OK
 
 
 # ---- helpers: validation ----------------------------------------------------------------------
-def _check_family(model: str, language: str | None):
-    if model != "english":
-        upstream = "ChatterboxMultilingualTTS" if model == "multilingual" else "ChatterboxTurboTTS"
-        raise CliError(f"--model {model} is not supported by chatterbox-accel yet (only english is "
-                       f"accelerated); use chatterbox's own {upstream} directly, unaccelerated")
-    if language is not None:
-        raise CliError("--language applies only to --model multilingual (which is not supported yet); "
-                       "drop --language for the English model")
+def _generate_kwargs(args, sampling: bool = True) -> dict:
+    """generate() options the family takes, from --language (and say's --exaggeration,
+    --cfg-weight); an option the family does not take is an error."""
+    kwargs = {}
+    if args.model == "multilingual":
+        from chatterbox.mtl_tts import SUPPORTED_LANGUAGES  # noqa: PLC0415 (light: no torch model)
+
+        language = (args.language or "en").lower()
+        if language not in SUPPORTED_LANGUAGES:
+            raise CliError(f"--language {args.language!r} is not supported; use one of "
+                           f"{', '.join(SUPPORTED_LANGUAGES)}")
+        kwargs["language_id"] = language
+    elif args.language is not None:
+        raise CliError(f"--language applies only to --model multilingual; drop it for --model {args.model}")
+    if sampling:
+        for name in ("exaggeration", "cfg_weight"):
+            value = getattr(args, name)
+            if value is not None and args.model == "turbo":
+                raise CliError(f"--{name.replace('_', '-')} does not apply to --model turbo (it has no CFG "
+                               "or exaggeration); drop it")
+            if args.model != "turbo":
+                kwargs[name] = 0.5 if value is None else value
+    return kwargs
 
 
 def _options(pairs) -> dict:
@@ -328,18 +352,21 @@ def _device(requested: str | None) -> str:
     return requested
 
 
-def _checkpoint_folder(path: str) -> Path:
-    from .checkpoints import ENGLISH_FILES, HUB_REPO
-
+def _checkpoint_folder(path: str, family: str = "english") -> Path:
+    files, repo = _files_of(family), FAMILY_REPOS[family]
     folder = Path(path).expanduser()
-    make = f"write random weights there with: chatterbox-accel make-checkpoint {folder}"
+    family_flag = "" if family == "english" else f" --family {family}"
+    make = f"write random weights there with: chatterbox-accel make-checkpoint {folder}{family_flag}"
     if not folder.is_dir():
         raise CliError(f"checkpoint folder {folder} does not exist; pass a folder holding "
-                       f"{', '.join(ENGLISH_FILES)}, or {make}")
-    missing = [name for name in ENGLISH_FILES if not (folder / name).is_file()]
+                       f"{', '.join(files)}, or {make}")
+    missing = [name for name in files if not (folder / name).is_file()]
     if missing:
-        raise CliError(f"checkpoint folder {folder} lacks {', '.join(missing)}; copy the official files "
-                       f"there (huggingface.co/{HUB_REPO}), or {make}")
+        raise CliError(f"checkpoint folder {folder} lacks {', '.join(missing)} (a {family} checkpoint); copy "
+                       f"the official files there (huggingface.co/{repo}), or {make}")
+    meta_family = _checkpoint_meta(folder).get("family")
+    if meta_family and meta_family != family:
+        raise CliError(f"checkpoint folder {folder} holds a {meta_family} checkpoint; pass --model {meta_family}")
     return folder
 
 
@@ -351,11 +378,10 @@ def _checkpoint_meta(folder: Path) -> dict:
         return {}
 
 
-def _existing_checkpoint(folder: Path, settings: dict, overwrite: bool) -> bool:
+def _existing_checkpoint(folder: Path, settings: dict, overwrite: bool, family: str = "english") -> bool:
     """True when `folder` already holds the checkpoint asked for; raise when it holds another one."""
-    from .checkpoints import ENGLISH_FILES
-
-    present = [name for name in ENGLISH_FILES if (folder / name).exists()]
+    files = _files_of(family)
+    present = [name for name in files if (folder / name).exists()]
     if not present:
         return False
     meta = _checkpoint_meta(folder)
@@ -364,27 +390,109 @@ def _existing_checkpoint(folder: Path, settings: dict, overwrite: bool) -> bool:
                        "write (official weights?); refusing to overwrite them: choose an empty folder")
     held = {**meta, "voice_seconds": meta.get("voice_seconds", 10.0)}  # older ones: always 10 s
     held = {key: held.get(key) for key in settings}
-    if len(present) == len(ENGLISH_FILES) and held == settings:
+    if len(present) == len(files) and held == settings and meta.get("family", "english") == family:
         return True
     if not overwrite:
         described = ", ".join(f"{k}={v}" for k, v in held.items())
-        raise CliError(f"{folder} holds a random checkpoint with {described} ({len(present)}/"
-                       f"{len(ENGLISH_FILES)} files); pass --overwrite to rewrite it, or choose another folder")
+        raise CliError(f"{folder} holds a random {meta.get('family', 'english')} checkpoint with {described} "
+                       f"({len(present)}/{len(files)} files); pass --overwrite to rewrite it, or choose "
+                       "another folder")
     return False
 
 
 # ---- helpers: loading and running ---------------------------------------------------------------
+FAMILY_CLASSES = {"english": ("chatterbox.tts", "ChatterboxTTS"),
+                  "multilingual": ("chatterbox.mtl_tts", "ChatterboxMultilingualTTS"),
+                  "turbo": ("chatterbox.tts_turbo", "ChatterboxTurboTTS")}
+FAMILY_REPOS = {"english": "ResembleAI/chatterbox", "multilingual": "ResembleAI/chatterbox",
+                "turbo": "ResembleAI/chatterbox-turbo"}
+
+
+def _files_of(family: str) -> tuple:
+    from . import checkpoints
+
+    return {"english": checkpoints.ENGLISH_FILES, "multilingual": checkpoints.MULTILINGUAL_FILES,
+            "turbo": checkpoints.TURBO_FILES}[family]
+
+
+def _writer(family: str):
+    from . import checkpoints
+
+    return {"english": checkpoints.write_english_checkpoint,
+            "multilingual": checkpoints.write_multilingual_checkpoint,
+            "turbo": checkpoints.write_turbo_checkpoint}[family]
+
+
+def _load(family: str, checkpoint: str | None, device: str):
+    """The family's model: `from_local(DIR)` with --checkpoint, else as chatterbox's own
+    `from_pretrained` gets it (English: its files, via the hub cache)."""
+    import importlib
+
+    module, name = FAMILY_CLASSES[family]
+    if family == "english" and not checkpoint:
+        return _load_english(None, device)
+    if not checkpoint:
+        return _from_pretrained(family, device)
+    folder = _checkpoint_folder(checkpoint, family)
+    if family == "english":
+        return _load_english(str(folder), device)
+    cls = getattr(importlib.import_module(module), name)
+    return _timed_load(f"the {family} model", folder, device, lambda: _from_local(cls, family, folder, device))
+
+
+def _from_local(cls, family: str, folder: Path, device: str):
+    if family != "multilingual":
+        return cls.from_local(folder, device)
+    try:
+        return cls.from_local(folder, device)
+    except Exception as exc:  # its tokenizer builds spacy_pkuseg's segmenter, which downloads a model
+        if "pkuseg" not in _traceback_text(exc):
+            raise
+        from .families import pkuseg_unavailable
+
+        _progress(f"spacy_pkuseg could not load its model ({type(exc).__name__}); Chinese word "
+                  "segmentation is off for this run (other languages are unaffected)")
+        with pkuseg_unavailable():
+            return cls.from_local(folder, device)
+
+
+def _traceback_text(exc) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(exc))
+
+
+def _from_pretrained(family: str, device: str):
+    import importlib
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    module, name = FAMILY_CLASSES[family]
+    cls = getattr(importlib.import_module(module), name)
+    _progress(f"fetching {FAMILY_REPOS[family]} ({name}) from the Hugging Face hub (or its local cache)")
+    try:
+        return cls.from_pretrained(device)
+    except (OSError, HfHubHTTPError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CliError(f"cannot get {FAMILY_REPOS[family]} from the Hugging Face hub ({type(exc).__name__}: "
+                       f"{reason}); {HUB_HINT.replace('DIR`', f'DIR --family {family}`')}", EXIT_HUB) from None
+
+
+def _timed_load(what: str, folder: Path, device: str, load):
+    meta = _checkpoint_meta(folder)
+    kind = " (random weights: the audio is noise-like)" if meta.get("random_weights") else ""
+    _progress(f"loading {what} from {folder} on {device}{kind}")
+    start = time.perf_counter()
+    model = load()
+    _progress(f"loaded in {time.perf_counter() - start:.1f} s")
+    return model
+
+
 def _load_english(checkpoint: str | None, device: str):
     folder = _checkpoint_folder(checkpoint) if checkpoint else _download_english()
     from chatterbox.tts import ChatterboxTTS
 
-    meta = _checkpoint_meta(folder)
-    kind = " (random weights: the audio is noise-like)" if meta.get("random_weights") else ""
-    _progress(f"loading the English model from {folder} on {device}{kind}")
-    start = time.perf_counter()
-    model = ChatterboxTTS.from_local(folder, device)
-    _progress(f"loaded in {time.perf_counter() - start:.1f} s")
-    return model
+    return _timed_load("the English model", folder, device, lambda: ChatterboxTTS.from_local(folder, device))
 
 
 def _download_english() -> Path:
@@ -415,13 +523,13 @@ def _accelerate(model, options: dict, show: bool = True):
     return report
 
 
-def _bench_plan(checkpoint: str | None, lengths: list) -> list:
+def _bench_plan(checkpoint: str | None, lengths: list, family: str = "english", voice=None) -> list:
     """[(folder, [seconds, ...])]: one random checkpoint per length (stop_after is baked into
     it), or every length on the given checkpoint (its text sets a trained model's length)."""
     from .e2e import stop_after_for
 
     if checkpoint:
-        folder = _checkpoint_folder(checkpoint)
+        folder = _checkpoint_folder(checkpoint, family)
         meta = _checkpoint_meta(folder)
         stop = meta.get("stop_after")
         if meta.get("random_weights") and stop is None:
@@ -432,21 +540,54 @@ def _bench_plan(checkpoint: str | None, lengths: list) -> list:
             _progress(f"note: {folder} stops after ~{stop} tokens (~{stop / 25:g} s of audio) whatever "
                       "the --lengths; they only set the text")
         return [(folder, lengths)]
-    from .checkpoints import is_complete, write_english_checkpoint
-
     plan = []
     for seconds in lengths:
-        stop = stop_after_for(seconds)
-        folder = _cache_dir() / f"english-stop{stop}"
-        if not is_complete(folder):
-            _progress(f"writing a random-weight checkpoint for {seconds:g} s (stop_after={stop}) to {folder} "
-                      "(about 3.2 GB, once; reused next time)")
-        write_english_checkpoint(folder, stop_after=stop)  # a no-op when written with these settings
+        stop, extra = stop_after_for(seconds), {}
+        if family == "turbo":  # GPT-2 stops at an absolute position: text + speech after the voice prompt
+            stop += _turbo_text_tokens(seconds)
+            extra["prompt_tokens"] = _turbo_prompt_tokens(voice)
+        prompt = extra.get("prompt_tokens", 375)
+        folder = _cache_dir() / (f"{family}-stop{stop}" + (f"-prompt{prompt}" if prompt != 375 else ""))
+        if not _existing_random(folder, family):
+            _progress(f"writing a random-weight {family} checkpoint for {seconds:g} s (stop_after={stop}) to "
+                      f"{folder} (about 3 GB, once; reused next time)")
+        _writer(family)(folder, stop_after=stop, **extra)  # a no-op when written with these settings
         plan.append((folder, [seconds]))
     return plan
 
 
-def _bench_one(model, seconds: float, voice, options: dict, args):
+def _existing_random(folder: Path, family: str) -> bool:
+    return all((folder / name).is_file() for name in _files_of(family)) and bool(_checkpoint_meta(folder))
+
+
+def _turbo_text_tokens(seconds: float) -> int:
+    """Text tokens Turbo's T3 reads for the benchmark text of `seconds` (the random checkpoint's
+    tokenizer is built offline, the same every time)."""
+    import tempfile
+
+    from chatterbox.tts_turbo import punc_norm
+    from transformers import AutoTokenizer
+
+    from .checkpoints import write_turbo_tokenizer
+    from .e2e import text_for_seconds
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_turbo_tokenizer(Path(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+    return len(tokenizer(punc_norm(text_for_seconds(seconds))).input_ids)
+
+
+def _turbo_prompt_tokens(voice) -> int:
+    """Voice-prompt tokens Turbo's T3 gets: 375 with the built-in voice, else 25 per second of
+    the reference, at most 375."""
+    if voice is None:
+        return 375
+    import soundfile
+
+    return min(375, int(25 * soundfile.info(voice).duration))
+
+
+def _bench_one(model, seconds: float, voice, options: dict, args, generate_kwargs=None):
     from tqdm import tqdm
 
     from .api import OutputCheckError
@@ -462,7 +603,7 @@ def _bench_one(model, seconds: float, voice, options: dict, args):
         try:
             return bench_generate(model, text_for_seconds(seconds), voice=voice, repeats=args.repeats,
                                   warmup=args.warmup, options=options, label=f"{seconds:g} s",
-                                  target_s=seconds, progress=tick)
+                                  target_s=seconds, progress=tick, **(generate_kwargs or {}))
         except OutputCheckError as exc:
             raise CliError(f"output check failed, nothing to benchmark: {exc}", EXIT_CHECK_FAILED) from None
 
@@ -475,6 +616,10 @@ def _write_audio(path: Path, wav, sr: int) -> None:
     import soundfile
 
     soundfile.write(str(path), wav.squeeze(0).detach().cpu().float().numpy(), sr)
+
+
+def _result(text: str) -> None:
+    print(text, file=_RESULTS, flush=True)
 
 
 def _progress(message: str) -> None:

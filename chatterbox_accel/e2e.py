@@ -10,12 +10,15 @@ Contract
   path's caches (which a
   restore/accelerate toggle per run would rebuild, re-compile and re-capture). The patches are
   put back in a `finally`. The model is left restored (original code) when the benchmark ends.
+- Every model class of chatterbox-tts 0.1.7: English, Multilingual (pass `language_id=` as a
+  generate option), Turbo, and VC (`text` is then the source audio file, `voice` the target).
 - Stages, each timed by a temporary instance attribute removed in a `finally`:
-  conditioning = `model.prepare_conditionals` (0 with the built-in voice; with a voice cache
-  the accelerated path hits it after warm-up, as it would in an app reusing one voice),
-  t3 = `model.t3.inference`, s3gen = `model.s3gen.inference`,
-  watermark = `model.watermarker.apply_watermark`. total = wall time of `generate()`;
-  audio = output samples / model.sr; RTF = total / audio (below 1: faster than real time).
+  conditioning = `model.prepare_conditionals` (VC: `set_target_voice`; 0 with the built-in
+  voice; with a voice cache the accelerated path hits it after warm-up, as it would in an app
+  reusing one voice), t3 = `model.t3.inference` (Turbo: `inference_turbo`; VC has none),
+  s3gen = `model.s3gen.inference`, watermark = `model.watermarker.apply_watermark`.
+  total = wall time of `generate()`; audio = output samples / model.sr; RTF = total / audio
+  (below 1: faster than real time).
 - Peak memory of the process during the call, and its growth over the level before the call:
   CUDA `torch.cuda.max_memory_allocated`; CPU the resident set size sampled every 5 ms from
   /proc/self/statm (ru_maxrss, a lifetime high-water mark, is only the fallback off Linux).
@@ -49,10 +52,18 @@ logger = logging.getLogger(__name__)
 
 TOKENS_PER_SECOND = 25  # S3 speech tokens per second of audio
 PATHS = ("original", "accelerated")
-# (stage name, attribute of the model holding the method (None: the model), method name)
-STAGES = (("conditioning", None, "prepare_conditionals"), ("t3", "t3", "inference"),
-          ("s3gen", "s3gen", "inference"), ("watermark", "watermarker", "apply_watermark"))
-STAGE_NAMES = tuple(s[0] for s in STAGES)
+STAGE_NAMES = ("conditioning", "t3", "s3gen", "watermark")
+
+
+def stages_of(model) -> tuple:
+    """(stage name, attribute of the model holding the method (None: the model), method name)."""
+    from .families import family_of, voice_method_of
+
+    family = family_of(model)
+    t3 = None if family == "vc" else ("t3", "t3", "inference_turbo" if family == "turbo" else "inference")
+    stages = (("conditioning", None, voice_method_of(model) or "prepare_conditionals"), t3,
+              ("s3gen", "s3gen", "inference"), ("watermark", "watermarker", "apply_watermark"))
+    return tuple(s for s in stages if s is not None)
 PASSAGE = ("The quick brown fox jumps over the lazy dog while morning light spreads across the quiet "
            "valley. Somewhere far away a train whistles as it carries travellers home through fields "
            "of gold and green, and the river keeps singing its old song to anyone who will listen.")
@@ -129,11 +140,13 @@ class E2EBenchmark:
     device: str = ""
     options: dict = field(default_factory=dict)  # accelerate() options
     memory: str = ""              # how peak memory was measured
+    family: str = "english"       # english, multilingual, turbo or vc
+    model_class: str = "ChatterboxTTS"
 
     def summary(self) -> dict:
 
         first = self.results[0] if self.results else E2EResult("", "")
-        return {"benchmark": "e2e_generate", "model": "english", "device": self.device,
+        return {"benchmark": "e2e_generate", "model": self.family, "device": self.device,
                 "hardware": hardware(), **versions(), "options": self.options, "warmup": first.warmup,
                 "memory": self.memory, "check": first.check, "applied": first.applied,
                 "results": [r.summary() for r in self.results]}
@@ -142,7 +155,7 @@ class E2EBenchmark:
 
         v = versions()
         first = self.results[0] if self.results else E2EResult("", "")
-        lines = [f"End-to-end ChatterboxTTS.generate(), {self.device}: {hardware()}",
+        lines = [f"End-to-end {self.model_class}.generate(), {self.device}: {hardware()}",
                  f"torch {v['torch']}, transformers {v['transformers']}, chatterbox-tts {v['chatterbox-tts']}; "
                  f"accelerated: {', '.join(first.applied) or '-'}",
                  first.check or "output check not run",
@@ -204,13 +217,17 @@ def bench_generate(model, text: str, *, voice=None, repeats: int = 3, warmup: in
 
 def run_once(model, text: str, voice=None, *, original: bool, **generate_kwargs) -> Run:
     """One timed `generate()`; `original=True` lifts the accelerator's patches for the call."""
-    device = model.t3.device
+    from .api import _model_device
+    from .families import family_of
+
+    device = _model_device(model)
     stages: dict = {name: 0.0 for name in STAGE_NAMES}
     tokens, patched = [], []
     lifted = lifted_patches(model) if original else contextlib.nullcontext()
+    voice_arg = "target_voice_path" if family_of(model) == "vc" else "audio_prompt_path"
     with lifted, _timed_stages(model, stages, tokens, patched, device), PeakMemory(device) as memory:
         start = time.perf_counter()
-        wav = model.generate(text, audio_prompt_path=voice, **generate_kwargs)
+        wav = model.generate(text, **{voice_arg: voice}, **generate_kwargs)
         sync(device)
         total = time.perf_counter() - start
     return Run(stages=stages, total_s=total, audio_s=wav.shape[-1] / model.sr,
@@ -240,7 +257,7 @@ def _timed_stages(model, stages: dict, tokens: list, patched: list, device):
 
     timers = PatchRegistry()  # a private registry: reverted on exit, the model's own is untouched
     try:
-        for stage, part, attr in STAGES:
+        for stage, part, attr in stages_of(model):
             obj = model if part is None else getattr(model, part, None)
             method = getattr(obj, attr, None)
             if method is None or not callable(method):

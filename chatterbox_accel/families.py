@@ -12,6 +12,7 @@ an instance of a class whose module is already loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 FAMILY_CLASSES = {
@@ -73,3 +74,19 @@ def conditionals_class(model):
     from chatterbox.tts import Conditionals
 
     return Conditionals
+
+
+@contextlib.contextmanager
+def pkuseg_unavailable():
+    """Build a multilingual model without spacy_pkuseg: upstream's MTLTokenizer builds its
+    segmenter, which downloads a model from GitHub and raises offline; upstream already handles
+    `ImportError` (Chinese word segmentation off), so the import is made to fail meanwhile."""
+    saved = sys.modules.get("spacy_pkuseg", "absent")
+    sys.modules["spacy_pkuseg"] = None
+    try:
+        yield
+    finally:
+        if saved == "absent":
+            sys.modules.pop("spacy_pkuseg", None)
+        else:
+            sys.modules["spacy_pkuseg"] = saved

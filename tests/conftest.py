@@ -2,6 +2,7 @@
 import dataclasses
 import os
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the original T3 loop's progress ba
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 STOP_AFTER = 16  # the test checkpoint's T3 stops after ~16 speech tokens (see checkpoints.py)
+MTL_STOP_AFTER = 4  # speech tokens; the alignment analyzer may add or cut a few
+TURBO_STOP_AFTER = 6  # text + speech tokens (GPT-2 has absolute positions only): "Hi." -> ~4 speech tokens
+TURBO_PROMPT_TOKENS = 150  # ... for a 150-token voice prompt: the built-in one and a 6 s reference
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +24,36 @@ def ckpt_dir(tmp_path_factory):
     path = os.environ.get("CHATTERBOX_ACCEL_TEST_CKPT") or tmp_path_factory.mktemp("ckpt-english")
     # A 3 s built-in voice: S3Gen re-processes it on every generate(), so tests stay quick.
     return write_english_checkpoint(path, stop_after=STOP_AFTER, voice_seconds=3.0)
+
+
+from chatterbox_accel.checkpoints import (  # noqa: E402
+    write_multilingual_checkpoint, write_turbo_checkpoint, write_vc_checkpoint,
+)
+
+
+# The other families' checkpoints (~3 GB each): written once per session into a temporary
+# folder, or reused from $CHATTERBOX_ACCEL_TEST_FAMILIES_DIR when set (the writers skip a
+# folder that is complete with the same settings).
+@pytest.fixture(scope="session")
+def families_dir(tmp_path_factory):
+    base = os.environ.get("CHATTERBOX_ACCEL_TEST_FAMILIES_DIR")
+    return Path(base) if base else tmp_path_factory.mktemp("ckpt-families")
+
+
+@pytest.fixture(scope="session")
+def mtl_ckpt(families_dir):
+    return write_multilingual_checkpoint(families_dir / "multilingual", stop_after=MTL_STOP_AFTER, voice_seconds=3.0)
+
+
+@pytest.fixture(scope="session")
+def turbo_ckpt(families_dir):
+    return write_turbo_checkpoint(families_dir / "turbo", stop_after=TURBO_STOP_AFTER, voice_seconds=3.0,
+                                  prompt_tokens=TURBO_PROMPT_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def vc_ckpt(families_dir):
+    return write_vc_checkpoint(families_dir / "vc", voice_seconds=3.0)
 
 
 @pytest.fixture

@@ -67,6 +67,33 @@ def test_bench_prints_table_then_one_json_line_and_writes_the_chart(tmp_path, ck
         assert image.format == "PNG" and image.width > 300 and image.height > 200
 
 
+def test_bench_takes_the_other_families(tmp_path, turbo_ckpt):
+    """--model turbo: its own class, its own T3 method (inference_turbo) timed and patched."""
+    proc = cli(tmp_path, "bench", "--model", "turbo", "--checkpoint", turbo_ckpt, "--lengths", "0.5",
+               "--repeats", "1", "--warmup", "0", "--no-chart", "--option", "check_steps=4")
+    assert proc.returncode == 0, failed(proc)
+    lines = proc.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert "ChatterboxTurboTTS.generate()" in lines[0] and summary["model"] == "turbo"
+    assert "output check passed" in summary["check"] and "t3.static_kv_cache" in summary["applied"]
+    (result,) = summary["results"]
+    assert result["patched_stages"]["original"] == [] and "t3" in result["patched_stages"]["accelerated"]
+    for path in ("original", "accelerated"):
+        assert result[path]["t3"] > 0 and result[path]["s3gen"] > 0 and result[path]["speech_tokens"] > 0
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["say", "hi", "-o", "x.wav"], {"exaggeration": 0.5, "cfg_weight": 0.5}),
+    (["say", "hi", "-o", "x.wav", "--model", "multilingual", "--language", "FR", "--cfg-weight", "0.3"],
+     {"language_id": "fr", "exaggeration": 0.5, "cfg_weight": 0.3}),
+    (["say", "hi", "-o", "x.wav", "--model", "turbo"], {}),
+])
+def test_generate_options_follow_the_family(argv, expected):
+    from chatterbox_accel.cli import _generate_kwargs, build_parser
+
+    assert _generate_kwargs(build_parser().parse_args(argv)) == expected
+
+
 def test_say_writes_a_wav_with_the_accelerated_model(tmp_path, ckpt_dir):
     import soundfile
 
@@ -135,10 +162,13 @@ def test_make_checkpoint_never_overwrites_files_it_did_not_write(tmp_path):
 @pytest.mark.parametrize("args,match", [
     ([], "required: COMMAND"),
     (["say", "hi"], "required: -o/--output"),
-    (["say", "hi", "-o", "x.wav", "--model", "turbo"], "--model turbo is not supported by chatterbox-accel"),
-    (["say", "hi", "-o", "x.wav", "--model", "multilingual", "--language", "fr"],
-     "--model multilingual is not supported"),
+    (["say", "hi", "-o", "x.wav", "--model", "turbo", "--cfg-weight", "0.3"],
+     "--cfg-weight does not apply to --model turbo"),
+    (["say", "hi", "-o", "x.wav", "--model", "multilingual", "--language", "xx"],
+     "--language 'xx' is not supported; use one of ar, da"),
     (["say", "hi", "-o", "x.wav", "--language", "fr"], "--language applies only to --model multilingual"),
+    (["bench", "--model", "turbo", "--checkpoint", "partial"],
+     "partial lacks t3_turbo_v1.safetensors.*a turbo checkpoint.*make-checkpoint partial --family turbo"),
     (["say", "hi", "-o", "x.wav", "--voice", "missing.wav"], "--voice file missing.wav does not exist"),
     (["say", "hi", "-o", "nodir/x.wav"], "output folder nodir does not exist"),
     (["say", "hi", "-o", "x.mp9"], "end -o with .wav"),
@@ -155,7 +185,7 @@ def test_make_checkpoint_never_overwrites_files_it_did_not_write(tmp_path):
     (["check", "--option", "check_steps"], "expected KEY=VALUE"),
     (["check", "--option", "check=false"], "drop --option check=false"),
     (["make-checkpoint", "small", "--small"], "--small is refused.*from_local"),
-    (["make-checkpoint", "ml", "--family", "multilingual"], "--family multilingual is not supported yet"),
+    (["make-checkpoint", "ml", "--family", "turbo", "--voice-seconds", "3"], "must be >= 5 for turbo"),
 ])
 def test_bad_arguments_exit_2_with_the_fix_in_the_message(tmp_path, args, match):
     import re

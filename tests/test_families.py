@@ -13,7 +13,6 @@ The checkpoints (~3 GB each) are written once per session into a temporary folde
 from $CHATTERBOX_ACCEL_TEST_FAMILIES_DIR when that is set (the writers skip a folder that is
 complete with the same settings). Models are class-scoped, so one family is in memory at a time.
 """
-import contextlib
 import os
 import subprocess
 import sys
@@ -26,40 +25,18 @@ import torch
 from chatterbox_accel import accelerate, is_accelerated, load_voice, restore, save_voice
 from chatterbox_accel.checkpoints import (
     MULTILINGUAL_FILES, TURBO_FILES, TURBO_TEXT_VOCAB, VC_FILES, synthetic_voice,
-    write_multilingual_checkpoint, write_turbo_checkpoint, write_vc_checkpoint, write_tokenizer,
+    write_tokenizer,
 )
+from chatterbox_accel.families import pkuseg_unavailable
 from chatterbox_accel.patching import get_registry
 from chatterbox_accel.voice import PROFILE_FORMAT, model_fingerprint
+from conftest import TURBO_PROMPT_TOKENS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MTL_STOP_AFTER = 4  # speech tokens; the alignment analyzer may add or cut a few
-TURBO_STOP_AFTER = 6  # text + speech tokens (GPT-2 has absolute positions only): "Hi." -> ~4 speech tokens
-TURBO_PROMPT_TOKENS = 150  # ... for a 150-token voice prompt: the built-in one and a 6 s reference
+
 
 
 # ---- checkpoints and audio ---------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def families_dir(tmp_path_factory):
-    base = os.environ.get("CHATTERBOX_ACCEL_TEST_FAMILIES_DIR")
-    return Path(base) if base else tmp_path_factory.mktemp("ckpt-families")
-
-
-@pytest.fixture(scope="session")
-def mtl_ckpt(families_dir):
-    return write_multilingual_checkpoint(families_dir / "multilingual", stop_after=MTL_STOP_AFTER, voice_seconds=3.0)
-
-
-@pytest.fixture(scope="session")
-def turbo_ckpt(families_dir):
-    return write_turbo_checkpoint(families_dir / "turbo", stop_after=TURBO_STOP_AFTER, voice_seconds=3.0,
-                                  prompt_tokens=TURBO_PROMPT_TOKENS)
-
-
-@pytest.fixture(scope="session")
-def vc_ckpt(families_dir):
-    return write_vc_checkpoint(families_dir / "vc", voice_seconds=3.0)
-
-
 def write_wav(path, seconds, seed):
     import soundfile as sf
 
@@ -74,22 +51,6 @@ def audio(tmp_path_factory):
     # tokens, where the turbo test checkpoint stops); the others get 2 s (less S3Gen work).
     return {"turbo_ref": write_wav(folder / "ref6.wav", 6.0, seed=5), "ref": write_wav(folder / "ref2.wav", 2.0, seed=5),
             "src": write_wav(folder / "src.wav", 1.0, seed=3), "folder": folder}
-
-
-@contextlib.contextmanager
-def pkuseg_unavailable():
-    """MTLTokenizer builds spacy_pkuseg's segmenter, which downloads its model from GitHub and
-    raises offline; upstream already handles `ImportError` (no Chinese segmentation), so the
-    import is made to fail while the tokenizer is built. Chinese is not used here."""
-    saved = sys.modules.get("spacy_pkuseg", "absent")
-    sys.modules["spacy_pkuseg"] = None
-    try:
-        yield
-    finally:
-        if saved == "absent":
-            sys.modules.pop("spacy_pkuseg", None)
-        else:
-            sys.modules["spacy_pkuseg"] = saved
 
 
 # ---- helpers ----------------------------------------------------------------------------------
