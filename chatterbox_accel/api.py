@@ -101,6 +101,14 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
                 report.check = run_output_check(
                     t3, runner, _builtin_t3_conds(model), steps=cfg.check_steps,
                     tolerance=cfg.resolved_tolerance())
+        if cfg.compiles_s3gen(str(_model_device(model).type)):
+            from .s3gen import compile_estimator
+
+            why = compile_estimator(model, registry, mode=cfg.compile_mode, tolerance=cfg.resolved_tolerance())
+            if why is None:
+                report.applied.append("s3gen.compile")
+            else:
+                report.fallbacks["s3gen.compile"] = why
         if stream_unsupported(model) is None:
             registry.set_attr(model, "generate_stream", functools.partial(generate_stream, model))
             report.applied.append("generate_stream")

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
-COMPILE_TARGETS = ("t3",)  # S3Gen and the voice encoder: not compiled yet (see README, Limitations)
+COMPILE_TARGETS = ("t3", "s3gen")  # s3gen: the flow's CFM estimator, opt-in (see s3gen.py)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -30,7 +30,8 @@ class AccelConfig:
     compile: bool | None = None
     # torch.compile mode: "default", "reduce-overhead" (CUDA graphs) or "max-autotune".
     compile_mode: str = "default"
-    # Which parts torch.compile may touch. Only "t3" so far.
+    # Which parts torch.compile may touch: "t3" (the decode step) and "s3gen" (the flow's CFM
+    # estimator; opt-in: not measured to help on a CPU, not measured on a GPU yet).
     compile_targets: tuple = ("t3",)
     # Capture the decode step in CUDA graphs (one per KV-length bucket). None = on for CUDA.
     cuda_graphs: bool | None = None
@@ -101,6 +102,10 @@ class AccelConfig:
 
     def compiles_t3(self, device_type: str) -> bool:
         return self.wants_compile(device_type) and "t3" in self.compile_targets
+
+    def compiles_s3gen(self, device_type: str) -> bool:
+        """Only when asked for by name: compile_targets including "s3gen", and compile not False."""
+        return "s3gen" in self.compile_targets and self.compile is not False
 
     def wants_cuda_graphs(self, device_type: str) -> bool:
         wanted = self.cuda_graphs if self.cuda_graphs is not None else device_type == "cuda"

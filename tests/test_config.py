@@ -19,7 +19,7 @@ def test_unknown_option_names_the_option_and_lists_allowed():
     ("attention", "xformers", r"attention='xformers'.*allowed values.*sdpa"),
     ("compile_mode", "fast", r"compile_mode='fast'.*reduce-overhead"),
     ("dtype", "int8", r"dtype='int8'.*bfloat16"),
-    ("compile_targets", ("t3", "vocoder"), r"compile_targets='vocoder'.*allowed values: \['t3'\]"),
+    ("compile_targets", ("t3", "vocoder"), r"compile_targets='vocoder'.*allowed values: \['t3', 's3gen'\]"),
     ("compile", "yes", r"compile='yes' must be True or False"),
     ("kv_bucket", 0, r"kv_bucket=0 must be a positive integer"),
     ("eos_check_every", 2.5, r"eos_check_every=2.5 must be a positive integer"),
