@@ -10,8 +10,8 @@ from .config import AccelConfig
 
 __version__ = "0.1.0"
 __all__ = ["accelerate", "restore", "is_accelerated", "AccelConfig", "AccelReport",
-           "OutputCheckError", "OptimizedChatterboxTTS", "save_voice", "load_voice", "generate_stream",
-           "StreamMetrics"]
+           "OutputCheckError", "OptimizedChatterboxTTS", "OptimizedChatterboxMultilingualTTS",
+           "OptimizedChatterboxTurboTTS", "save_voice", "load_voice", "generate_stream", "StreamMetrics"]
 
 
 def __getattr__(name):
@@ -25,7 +25,8 @@ def __getattr__(name):
     if name in ("generate_stream", "StreamMetrics"):
         from . import stream
         return getattr(stream, name)
-    if name == "OptimizedChatterboxTTS":
-        from .drop_in import OptimizedChatterboxTTS
-        return OptimizedChatterboxTTS
+    if name.startswith("OptimizedChatterbox"):
+        from . import drop_in
+        if hasattr(drop_in, name):
+            return getattr(drop_in, name)
     raise AttributeError(f"module 'chatterbox_accel' has no attribute {name!r}")
