@@ -47,8 +47,10 @@ def family_of(model) -> str | None:
 
 
 def t3_fallback_reason(model) -> str | None:
-    """Why the fast T3 decode loop is not used for `model` (None when it is). Decided by the
-    T3 itself, so a wrapper class holding a GPT-2 or multilingual T3 is treated alike."""
+    """Why no fast T3 decode loop is used for `model` (None when one is): only a model without
+    a T3 (ChatterboxVC). Which loop serves a T3 is decided by the T3 itself (GPT-2: Turbo's
+    loop; Llama: the Llama loop, with the alignment analyzer when multilingual), so a wrapper
+    class holding one is treated alike."""
     t3 = getattr(model, "t3", None)
     if t3 is None:
         return T3_FALLBACKS["vc"]

@@ -69,16 +69,18 @@ def probe_args(estimator, frames: int = PROBE_FRAMES):
     return args
 
 
-def compile_estimator(model, registry, *, mode: str = "default", tolerance: float = 1e-3) -> str | None:
+def compile_estimator(model, registry, *, mode: str = "default", tolerance: float = 1e-3,
+                      backend: str = "inductor") -> str | None:
     """Compile and install the estimator; None when installed, else why not (eager kept)."""
     estimator = estimator_of(model)
     if estimator is None:
         return "no S3Gen flow estimator on this model"
     eager = estimator.forward
     try:
-        compiled = torch.compile(eager, dynamic=True, mode=mode)
-        probe = probe_args(estimator)
-        with torch.inference_mode():
+        options = {"mode": mode} if backend == "inductor" else {}
+        compiled = torch.compile(eager, dynamic=True, backend=backend, **options)
+        with torch.inference_mode():  # as S3Gen calls it: inference tensors (no recompile later)
+            probe = probe_args(estimator)
             want = eager(**probe)
             got = compiled(**probe)
         diff = (got.float() - want.float()).abs().max().item()

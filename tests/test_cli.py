@@ -67,12 +67,17 @@ def test_bench_prints_table_then_one_json_line_and_writes_the_chart(tmp_path, ck
         assert image.format == "PNG" and image.width > 300 and image.height > 200
 
 
-def test_bench_takes_the_other_families(tmp_path, turbo_ckpt):
-    """--model turbo: its own class, its own T3 method (inference_turbo) timed and patched."""
-    proc = cli(tmp_path, "bench", "--model", "turbo", "--checkpoint", turbo_ckpt, "--lengths", "0.5",
-               "--repeats", "1", "--warmup", "0", "--no-chart", "--option", "check_steps=4")
-    assert proc.returncode == 0, failed(proc)
-    lines = proc.stdout.strip().splitlines()
+def test_bench_takes_the_other_families(tmp_path, turbo_ckpt, capsys, monkeypatch):
+    """--model turbo: its own class, its own T3 method (inference_turbo) timed and patched.
+    In process (the subprocess path is the English bench's test above)."""
+    from chatterbox_accel.cli import main
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    rc = main(["bench", "--model", "turbo", "--checkpoint", str(turbo_ckpt), "--lengths", "0.5",
+               "--repeats", "1", "--warmup", "0", "--no-chart", "--option", "check_steps=4"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    lines = out.strip().splitlines()
     summary = json.loads(lines[-1])
     assert "ChatterboxTurboTTS.generate()" in lines[0] and summary["model"] == "turbo"
     assert "output check passed" in summary["check"] and "t3.static_kv_cache" in summary["applied"]
@@ -107,10 +112,14 @@ def test_say_writes_a_wav_with_the_accelerated_model(tmp_path, ckpt_dir):
     assert abs(wav).max() > 0 and not (wav != wav).any()
 
 
-def test_check_prints_the_report_and_exits_0(tmp_path, ckpt_dir):
-    proc = cli(tmp_path, "check", "--checkpoint", ckpt_dir, "--option", "check_steps=4")
-    assert proc.returncode == 0, failed(proc)
-    assert "applied   t3.static_kv_cache" in proc.stdout and "output check passed" in proc.stdout
+def test_check_prints_the_report_and_exits_0(ckpt_dir, capsys):
+    from chatterbox_accel.cli import main
+
+    rc = main(["check", "--checkpoint", str(ckpt_dir), "--option", "check_steps=4"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "applied   t3.static_kv_cache" in out and "output check passed" in out
+    assert out.strip().splitlines()[0].startswith("chatterbox_accel on cpu")  # results only on stdout
 
 
 def test_check_exits_1_when_the_output_check_fails(monkeypatch, capsys):
