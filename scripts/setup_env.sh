@@ -9,7 +9,6 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "creating virtualenv $VENV with $PY" >&2
   "$PY" -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
 # The reference stack: what chatterbox-tts 0.1.7 resolves (torch 2.6.0, transformers 5.2.0),
 # plus setuptools<81 for resemble-perth's pkg_resources import.
 "$VENV/bin/python" -m pip install -q "chatterbox-tts==0.1.7" "setuptools<81"

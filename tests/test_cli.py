@@ -99,13 +99,17 @@ def test_generate_options_follow_the_family(argv, expected):
     assert _generate_kwargs(build_parser().parse_args(argv)) == expected
 
 
-def test_say_writes_a_wav_with_the_accelerated_model(tmp_path, ckpt_dir):
+def test_say_writes_a_wav_with_the_accelerated_model(tmp_path, ckpt_dir, capsys):
+    """In process (the subprocess path is the bench's test above)."""
     import soundfile
 
-    proc = cli(tmp_path, "say", "Hello there.", "-o", "hello.wav", "--checkpoint", ckpt_dir, "--seed", "0",
-               "--option", "check_steps=4")
-    assert proc.returncode == 0, failed(proc)
-    assert "output check passed" in proc.stderr and "wrote" in proc.stderr
+    from chatterbox_accel.cli import main
+
+    rc = main(["say", "Hello there.", "-o", str(tmp_path / "hello.wav"), "--checkpoint", str(ckpt_dir),
+               "--seed", "0", "--option", "check_steps=4"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-3000:]
+    assert "output check passed" in captured.err and "wrote" in captured.err and captured.out == ""
     wav, sr = soundfile.read(tmp_path / "hello.wav")
     assert sr == 24000 and wav.ndim == 1
     assert 0.2 < len(wav) / sr < 2.0  # ~STOP_AFTER tokens at 25 per second
