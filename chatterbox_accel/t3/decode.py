@@ -39,7 +39,34 @@ class DecodeState:
     done: torch.Tensor        # (1,) bool: EOS sampled
 
 
-class T3Runner:
+class CachedRunner:
+    """The static-cache handling shared by `T3Runner` and Turbo's `TurboRunner`. A subclass
+    sets `kv_bucket`, `static_cache` and `cache`, and names its `backbone` (FastLlama or
+    FastGPT2), which makes the cache."""
+
+    @property
+    def backbone(self):
+        raise NotImplementedError
+
+    def get_cache(self, batch: int, length: int) -> StaticKVCache:
+        length = _round_up(length, self.kv_bucket or 256)
+        device, dtype = self.backbone.device, self.backbone.dtype
+        if self.static_cache and self.cache is not None and self.cache.fits(batch, length, dtype, device):
+            return self.cache
+        self.cache = None  # free the old buffers before allocating larger ones
+        cache = self.backbone.new_cache(batch, length)
+        if self.static_cache:
+            self.cache = cache
+        return cache
+
+    def kv_len_for(self, position: int, cache) -> int:
+        """How many cache slots attention reads when the newest token sits at `position`."""
+        if self.kv_bucket is None:
+            return cache.max_len
+        return min(_round_up(position + 1, self.kv_bucket), cache.max_len)
+
+
+class T3Runner(CachedRunner):
     """Fast decoding for one `T3` instance. Owns the static KV cache."""
 
     def __init__(self, t3, *, attention, dtype=None, eos_check_every=1, kv_bucket: int | None = 64,
@@ -67,6 +94,10 @@ class T3Runner:
         self._owner = None  # the decode that owns the cache now (see token_blocks)
         self.step = self.decode_one_token  # graphs.py may replace it with a compiled/captured step
 
+    @property
+    def backbone(self):
+        return self.llama
+
     # ---- prompt -------------------------------------------------------------------------------
     def build_prompt(self, t3_cond, text_tokens, cfg_weight: float) -> torch.Tensor:
         """Prefill embeddings (B, P, C), exactly as `T3.inference` builds them."""
@@ -80,18 +111,6 @@ class T3Runner:
         )
         bos_embed = t3.speech_emb(bos[:1]) + t3.speech_pos_emb.get_fixed_embedding(0)  # (1, 1, C)
         return torch.cat([embeds, bos_embed.expand(batch, -1, -1)], dim=1)
-
-    # ---- cache --------------------------------------------------------------------------------
-    def get_cache(self, batch: int, length: int) -> StaticKVCache:
-        length = _round_up(length, self.kv_bucket or 256)
-        device, dtype = self.llama.device, self.llama.dtype
-        if self.static_cache and self.cache is not None and self.cache.fits(batch, length, dtype, device):
-            return self.cache
-        self.cache = None  # free the old buffers before allocating larger ones
-        cache = self.llama.new_cache(batch, length)
-        if self.static_cache:
-            self.cache = cache
-        return cache
 
     # ---- compute ------------------------------------------------------------------------------
     def prefill(self, embeds, cache) -> torch.Tensor:
@@ -149,12 +168,6 @@ class T3Runner:
         else:
             self._params.copy_(params)
         return self._params
-
-    def kv_len_for(self, position: int, cache) -> int:
-        """How many cache slots attention reads when the newest token sits at `position`."""
-        if self.kv_bucket is None:
-            return cache.max_len
-        return min(_round_up(position + 1, self.kv_bucket), cache.max_len)
 
     def generate(self, embeds, params: SamplingParams, max_new_tokens: int, text_len: int | None = None):
         """Sample up to `max_new_tokens` ids; returns (1, N), ending at the first EOS if any."""

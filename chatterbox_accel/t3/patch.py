@@ -52,17 +52,21 @@ def check_lengths(hp, text_tokens, max_new_tokens) -> None:
 class FastInference:
     """wrapt wrapper for `T3.inference`."""
 
+    method = "T3.inference"  # what the wrapper replaces, for the log
+
     def __init__(self, runner):
         self.runner = runner
         self.disabled: str | None = None  # reason, once a run-time failure switched us off
         self.calls = {"fast": 0, "original": 0}
 
+    def unsupported(self, args, kwargs) -> str | None:
+        return unsupported_reason(self.runner.t3, args, {**INFERENCE_DEFAULTS, **kwargs})
+
     def __call__(self, wrapped, instance, args, kwargs):
-        opts = {**INFERENCE_DEFAULTS, **kwargs}
-        reason = self.disabled or unsupported_reason(self.runner.t3, args, opts)
+        reason = self.disabled or self.unsupported(args, kwargs)
         if reason is None:
             try:
-                tokens = self.run(opts)
+                tokens = self.run(kwargs)
                 self.calls["fast"] += 1
                 return tokens
             except ValueError:
@@ -70,15 +74,15 @@ class FastInference:
             except Exception as exc:
                 self.disabled = f"{type(exc).__name__}: {exc}"
                 logger.warning("chatterbox_accel: fast T3 decode failed (%s); this model now uses "
-                               "the original T3.inference. Call restore(model) to remove the patches.",
-                               self.disabled)
+                               "the original %s. Call restore(model) to remove the patches.",
+                               self.disabled, self.method)
         else:
-            logger.debug("chatterbox_accel: original T3.inference for this call (%s)", reason)
+            logger.debug("chatterbox_accel: original %s for this call (%s)", self.method, reason)
         self.calls["original"] += 1
         return wrapped(*args, **kwargs)
 
-    def run(self, opts) -> torch.Tensor:
-        return torch.cat([ids for ids, _ in self.stream(opts)])[None]
+    def run(self, kwargs) -> torch.Tensor:
+        return torch.cat([ids for ids, _ in self.stream(kwargs)])[None]
 
     def stream(self, opts, first_block: int | None = None, block: int | None = None):
         """`(ids, finished)` blocks of one fast decode (see `T3Runner.token_blocks`)."""

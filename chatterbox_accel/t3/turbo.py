@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from .cache import StaticKVCache
-from .decode import _round_up
+from .decode import CachedRunner
 from .model import sdpa_attention
+from .patch import FastInference
 from .sampling import sample
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def turbo_scores(logits: torch.Tensor, presence: torch.Tensor, p: TurboParams) -
     return scores
 
 
-class TurboRunner:
+class TurboRunner(CachedRunner):
     """Fast `inference_turbo` for one Turbo `T3`. Owns the static KV cache."""
 
     def __init__(self, t3, *, attention=sdpa_attention, dtype=None, kv_bucket: int | None = 32,
@@ -131,11 +132,14 @@ class TurboRunner:
             self.tfmr = copy.deepcopy(t3.tfmr).to(dtype)
             self.speech_head = copy.deepcopy(t3.speech_head).to(dtype)
         self.gpt2 = FastGPT2(self.tfmr, attention)
-        self.heads = []  # no alignment analyzer (shared interface with T3Runner)
         self.kv_bucket, self.static_cache = kv_bucket, static_cache
         self.cache: StaticKVCache | None = None
         self._owner = None
         self._prefix = None  # (cache, conditioning embeddings) whose K/V sit in that cache's first slots
+
+    @property
+    def backbone(self):
+        return self.gpt2
 
     def build_prompt(self, t3_cond, text_tokens) -> tuple[torch.Tensor, int]:
         """(prompt embeddings (1, P, C), length of its conditioning prefix)."""
@@ -164,22 +168,6 @@ class TurboRunner:
         if self.static_cache and len_cond > 0:
             self._prefix = (cache, prefix.clone())
         return logits
-
-    def get_cache(self, batch: int, length: int) -> StaticKVCache:
-        length = _round_up(length, self.kv_bucket or 256)
-        dtype, device = self.gpt2.dtype, self.gpt2.device
-        if self.static_cache and self.cache is not None and self.cache.fits(batch, length, dtype, device):
-            return self.cache
-        self.cache = None
-        cache = self.gpt2.new_cache(batch, length)
-        if self.static_cache:
-            self.cache = cache
-        return cache
-
-    def kv_len_for(self, position: int, cache) -> int:
-        if self.kv_bucket is None:
-            return cache.max_len
-        return min(_round_up(position + 1, self.kv_bucket), cache.max_len)
 
     def logits(self, x, input_pos, cache, kv_len) -> torch.Tensor:
         hidden = self.gpt2.forward(x.to(self.gpt2.dtype), input_pos, cache, kv_len)
@@ -258,35 +246,14 @@ def turbo_reference_logits(t3, embeds, forced) -> torch.Tensor:
     return t3.speech_head(hidden[0, embeds.shape[1] - 1 :]).float()
 
 
-class FastTurboInference:
-    """wrapt wrapper for `T3.inference_turbo`: the fast runner, or the original on failure."""
+class FastTurboInference(FastInference):
+    """wrapt wrapper for `T3.inference_turbo`: the fast runner, or the original on failure
+    (the fallback logic is `FastInference`'s)."""
 
-    def __init__(self, runner: TurboRunner):
-        self.runner = runner
-        self.disabled: str | None = None
-        self.calls = {"fast": 0, "original": 0}
+    method = "T3.inference_turbo"
 
-    def __call__(self, wrapped, instance, args, kwargs):
-        reason = self.disabled or _unsupported(args, kwargs)
-        if reason is None:
-            try:
-                tokens = self.run(kwargs)
-                self.calls["fast"] += 1
-                return tokens
-            except ValueError:
-                raise
-            except Exception as exc:
-                self.disabled = f"{type(exc).__name__}: {exc}"
-                logger.warning("chatterbox_accel: fast Turbo T3 decode failed (%s); this model now uses "
-                               "the original T3.inference_turbo. Call restore(model) to remove the patches.",
-                               self.disabled)
-        else:
-            logger.debug("chatterbox_accel: original T3.inference_turbo for this call (%s)", reason)
-        self.calls["original"] += 1
-        return wrapped(*args, **kwargs)
-
-    def run(self, kwargs) -> torch.Tensor:
-        return torch.cat([ids for ids, _ in self.stream(kwargs)])[None]
+    def unsupported(self, args, kwargs) -> str | None:
+        return _unsupported(args, kwargs)
 
     def stream(self, kwargs, first_block: int | None = None, block: int | None = None):
         opts = {**TURBO_DEFAULTS, **kwargs}
