@@ -92,6 +92,7 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
         elif cfg.t3 and not t3_fallback:
             runner = _build_runner(t3, cfg, report)
             _install_steps(runner, t3, cfg, report)
+            _prepack(runner, cfg, report, compiled=runner.step != runner.decode_one_token)
             fast = FastInference(runner)
             registry.state["t3_runner"], registry.state["t3_inference"] = runner, fast
             registry.wrap_method(t3, "inference", fast)
@@ -229,6 +230,29 @@ def _install_steps(runner: T3Runner, t3, cfg: AccelConfig, report: AccelReport):
     report.fallbacks.update(result["fallbacks"])
 
 
+def _prepack(runner, cfg: AccelConfig, report: AccelReport, compiled: bool) -> None:
+    """CPU: oneDNN-packed decode weights (t3/prepack.py); anywhere else, or when it fails, the
+    plain kernels (a fallback is reported only on a CPU, where packing was expected)."""
+    from .t3.prepack import unavailable_reason
+
+    backbone = runner.backbone
+    if not cfg.cpu_prepack or backbone.device.type != "cpu":
+        return
+    why = unavailable_reason(backbone.device, backbone.dtype)
+    if why is None and compiled:
+        why = "the decode step is compiled: torch.compile traces the plain kernels"
+    if why is None:
+        try:
+            nbytes = runner.prepack()
+        except Exception as exc:  # an op missing from this torch build, a kernel refused, ...
+            why = f"{type(exc).__name__}: {exc}"
+        else:
+            report.applied.append("t3.cpu_prepack")
+            logger.info("chatterbox_accel: %.2f GiB of T3 weights packed for oneDNN", nbytes / 2**30)
+            return
+    report.fallbacks["t3.cpu_prepack"] = f"{why}; decode uses the plain kernels"
+
+
 def _warmup(runner: T3Runner, t3, steps: int = 4):
     """A few real decode steps through `runner.step` (compiles / captures, or raises)."""
     t3_cond, text, _ = probe_inputs(t3, None, 1)
@@ -252,6 +276,7 @@ def _accelerate_turbo(model, t3, cfg: AccelConfig, report: AccelReport, registry
         report.fallbacks["t3.step"] = ("Turbo: torch.compile / CUDA graphs of the GPT-2 step are not "
                                        "built yet; the step runs eagerly")
     runner = TurboRunner(t3, attention=attention, dtype=dtype, static_cache=cfg.static_cache)
+    _prepack(runner, cfg, report, compiled=False)
     fast = FastTurboInference(runner)
     registry.state["t3_runner"], registry.state["t3_inference"] = runner, fast
     registry.wrap_method(t3, "inference_turbo", fast)

@@ -4,7 +4,7 @@
 Same random weights (full-size T3 unless --layers), CFG batch 2, N tokens per run, warm-up then
 alternating repeats; prints a table, then one JSON line last.
 
-    python scripts/bench_t3.py --tokens 40 --repeats 3 [--multilingual | --turbo]
+    python scripts/bench_t3.py --tokens 40 --repeats 3 [--multilingual | --turbo] [--no-prepack]
 """
 import argparse
 import logging
@@ -30,6 +30,7 @@ def main():
                     help="multilingual T3 (its original loop runs the alignment analyzer on eager attention)")
     ap.add_argument("--turbo", action="store_true", help="Turbo's GPT-2 T3 (inference_turbo, 375-token voice prompt)")
     ap.add_argument("--no-compile", action="store_true", help="disable torch.compile / CUDA graphs")
+    ap.add_argument("--no-prepack", action="store_true", help="CPU: decode on the plain kernels (cpu_prepack=False)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     mtl = args.multilingual
@@ -40,6 +41,8 @@ def main():
     options = {"dtype": args.dtype}
     if args.no_compile:
         options.update(compile=False, cuda_graphs=False)
+    if args.no_prepack:
+        options.update(cpu_prepack=False)
     result = bench_t3(t3, tokens=args.tokens, repeats=args.repeats, warmup=args.warmup, options=options)
     print(result.table())
     print(result.check)

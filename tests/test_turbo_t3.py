@@ -78,6 +78,8 @@ def test_same_tokens_as_the_original(t3, accelerated, options):
 def test_report_and_output_check(accelerated):
     _, report = accelerated
     assert "t3.static_kv_cache" in report.applied and "t3" not in report.fallbacks
+    # on a CPU the GPT-2 projections and the speech head run on oneDNN-packed copies (prepack.py)
+    assert "t3.cpu_prepack" in report.applied and len(runner_of(accelerated[0]).gpt2.packed.entries) == 4 * 2 + 1
     assert report.check.passed and report.check.rel_diff < 1e-5
 
 
@@ -131,8 +133,8 @@ def test_bad_options_raise_before_work(t3, accelerated):
 def test_wrong_forward_fails_the_output_check_and_restores(t3, monkeypatch):
     import chatterbox_accel.t3.turbo as turbo
 
-    right = turbo.conv1d
-    monkeypatch.setattr(turbo, "conv1d", lambda module, x: right(module, x) * 1.01)
+    right = turbo.FastGPT2.conv1d  # every projection, packed (CPU) or plain
+    monkeypatch.setattr(turbo.FastGPT2, "conv1d", lambda self, module, x: right(self, module, x) * 1.01)
     model = holder(t3)
     with pytest.warns(RuntimeWarning, match="output check"):
         report = accelerate(model)

@@ -22,7 +22,7 @@ import torch
 
 from .alignment import AnalyzerFeed, aligned_heads, new_analyzer
 from .cache import StaticKVCache
-from .model import FastLlama, linear
+from .model import FastLlama
 from .sampling import SamplingParams, cfg_combine, sample_next
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,16 @@ class CachedRunner:
         if self.static_cache:
             self.cache = cache
         return cache
+
+    def prepack(self) -> int:
+        """CPU decode: oneDNN-packed copies of the weights each step multiplies (see prepack.py).
+        Returns the bytes the copies take; raises when packing does not work here."""
+        from .prepack import PackedLinears
+
+        self.backbone.packed = None
+        packed = PackedLinears(self.backbone.linears() + [self.speech_head])
+        self.backbone.packed = packed
+        return packed.nbytes
 
     def kv_len_for(self, position: int, cache) -> int:
         """How many cache slots attention reads when the newest token sits at `position`."""
@@ -118,7 +128,7 @@ class T3Runner(CachedRunner):
         P = embeds.shape[1]
         input_pos = torch.arange(P, device=embeds.device)
         hidden = self.llama.forward(embeds.to(self.llama.dtype), input_pos, cache, P)
-        return linear(self.speech_head, hidden[:, -1])
+        return self.llama.linear(self.speech_head, hidden[:, -1])
 
     def decode_logits(self, state: DecodeState, cache, kv_len: int) -> torch.Tensor:
         """Feed `state.token` at its positions; return speech logits (B, V)."""
@@ -126,7 +136,7 @@ class T3Runner(CachedRunner):
         emb = t3.speech_emb(state.token) + t3.speech_pos_emb.emb(state.speech_pos)  # (1, C)
         x = emb[None].expand(cache.batch, 1, -1).to(self.llama.dtype)  # (B, 1, C)
         hidden = self.llama.forward(x, state.input_pos, cache, kv_len)
-        return linear(self.speech_head, hidden[:, -1])
+        return self.llama.linear(self.speech_head, hidden[:, -1])
 
     def decode_one_token(self, state: DecodeState, params: SamplingParams, cache, kv_len: int,
                          adjust=None):

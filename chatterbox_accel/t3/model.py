@@ -7,7 +7,8 @@ the only differences from `LlamaModel.forward` are the ones that make it fast:
 - RoPE cos/sin come from a table precomputed once with the model's own `rotary_emb`;
 - attention is SDPA or flash-attn over the first `kv_len` cache slots with a positional mask,
   never the eager path that `output_attentions=True` forces; no hidden states are kept;
-- on CPU, decode-sized matmuls use the faster GEMV orientation (see `linear`);
+- on CPU, matmuls run on oneDNN-prepacked copies of the weights when the runner made them
+  (see prepack.py), else decode-sized ones use the faster GEMV orientation (see `linear`);
 - where a caller needs attention maps (the multilingual alignment analyzer reads three heads),
   only those heads' probabilities are computed, beside the fast attention (see `spy_heads`).
 """
@@ -111,6 +112,18 @@ class FastLlama:
         self.cos = self.sin = None
         self.spies: dict[int, int] = {}  # layer -> head whose attention map forward() keeps
         self.spied: dict[int, torch.Tensor] = {}  # layer -> (S, kv_len) probabilities, batch row 0
+        self.packed = None  # PackedLinears (CPU decode), set by the runner
+
+    def linear(self, module, x):
+        """`module(x)` for an nn.Linear: on its packed copy (CPU), if the runner made one."""
+        out = self.packed(module, x, module.bias) if self.packed is not None else None
+        return out if out is not None else linear(module, x)
+
+    def linears(self) -> list:
+        """The nn.Linear modules a decode step multiplies by, layer by layer."""
+        return [m for layer in self.layers for m in (
+            layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+            layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
 
     def spy_heads(self, heads) -> None:
         """Keep the attention probabilities of these (layer, head) pairs, batch row 0, in
@@ -146,9 +159,9 @@ class FastLlama:
     def _attention(self, i, layer, h, input_pos, cos, sin, cache, kv_len):
         attn = layer.self_attn
         B, S, _ = h.shape
-        q = linear(attn.q_proj, h).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
-        k = linear(attn.k_proj, h).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = linear(attn.v_proj, h).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.linear(attn.q_proj, h).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
+        k = self.linear(attn.k_proj, h).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.linear(attn.v_proj, h).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k_buf, v_buf = cache.update(i, input_pos, k, v)
@@ -158,8 +171,7 @@ class FastLlama:
         out = self.attention(q, k_buf, v_buf, input_pos, kv_len)  # (B, H, S, D)
         if i in self.spies:
             self.spied[i] = attention_map(q[0, self.spies[i]], k_buf[0, self.spies[i], :kv_len], input_pos)
-        return linear(attn.o_proj, out.transpose(1, 2).reshape(B, S, -1))
+        return self.linear(attn.o_proj, out.transpose(1, 2).reshape(B, S, -1))
 
-    @staticmethod
-    def _mlp(mlp, h):
-        return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))
+    def _mlp(self, mlp, h):
+        return self.linear(mlp.down_proj, mlp.act_fn(self.linear(mlp.gate_proj, h)) * self.linear(mlp.up_proj, h))

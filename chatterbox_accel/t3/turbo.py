@@ -56,6 +56,19 @@ class FastGPT2:
         self.n_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.attention = attention
+        self.packed = None  # PackedLinears (CPU decode), set by the runner
+
+    def conv1d(self, module, x):
+        out = self.packed(module, x, module.bias) if self.packed is not None else None
+        return out if out is not None else conv1d(module, x)
+
+    def linear(self, module, x):  # the speech head, an nn.Linear
+        out = self.packed(module, x, module.bias) if self.packed is not None else None
+        return out if out is not None else module(x)
+
+    def linears(self) -> list:
+        """The Conv1D modules a decode step multiplies by, block by block."""
+        return [m for b in self.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
 
     @property
     def dtype(self):
@@ -72,13 +85,13 @@ class FastGPT2:
         B, S, C = x.shape
         x = x + self.gpt2.wpe(input_pos)[None]
         for i, block in enumerate(self.blocks):
-            q, k, v = conv1d(block.attn.c_attn, block.ln_1(x)).split(C, dim=2)
+            q, k, v = self.conv1d(block.attn.c_attn, block.ln_1(x)).split(C, dim=2)
             q, k, v = (t.view(B, S, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
             k_buf, v_buf = cache.update(i, input_pos, k, v)
             out = self.attention(q, k_buf, v_buf, input_pos, kv_len)  # (B, H, S, D)
-            x = x + conv1d(block.attn.c_proj, out.transpose(1, 2).reshape(B, S, C))
+            x = x + self.conv1d(block.attn.c_proj, out.transpose(1, 2).reshape(B, S, C))
             mlp = block.mlp
-            x = x + conv1d(mlp.c_proj, mlp.act(conv1d(mlp.c_fc, block.ln_2(x))))
+            x = x + self.conv1d(mlp.c_proj, mlp.act(self.conv1d(mlp.c_fc, block.ln_2(x))))
         return self.gpt2.ln_f(x)
 
 
@@ -171,7 +184,7 @@ class TurboRunner(CachedRunner):
 
     def logits(self, x, input_pos, cache, kv_len) -> torch.Tensor:
         hidden = self.gpt2.forward(x.to(self.gpt2.dtype), input_pos, cache, kv_len)
-        return self.speech_head(hidden[:, -1])  # (B, V)
+        return self.gpt2.linear(self.speech_head, hidden[:, -1])  # (B, V)
 
     def generate(self, embeds, len_cond: int, params: TurboParams, max_gen_len: int) -> torch.Tensor:
         """(1, N) speech tokens, as `inference_turbo` returns them (trailing EOS removed)."""
