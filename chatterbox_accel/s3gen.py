@@ -92,3 +92,50 @@ def compile_estimator(model, registry, *, mode: str = "default", tolerance: floa
                 f"{tolerance:g} x max|out| {scale:.3g}")
     registry.wrap_method(estimator, "forward", CompiledEstimator(compiled))
     return None
+
+
+# ---- the estimator's all-zero attention bias ------------------------------------------------
+class SkipEmptyMask:
+    """wrapt wrapper for each transformer block's `forward` in the CFM estimator.
+
+    With full attention (`static_chunk_size=0`, chatterbox's setting) and a batch of one
+    utterance, the estimator's attention "mask" is an additive bias of -0.0 everywhere, which
+    every one of its 56 blocks expands per head (a 27 MB copy at 650 frames) and adds to every
+    score. Adding -0.0 changes nothing, so a bias that is all zeros is dropped: SDPA then runs
+    without a mask, bit for bit the same result on the CPUs measured (tests/test_s3gen_mask.py),
+    ~20 % less attention time. A real mask (padding, chunked attention) is passed on untouched.
+    If a call without the bias raises, the bias is used from then on.
+    """
+
+    def __init__(self):
+        self.disabled: str | None = None
+        self.calls = {"dropped": 0, "kept": 0}
+
+    def __call__(self, wrapped, instance, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if (self.disabled is None and mask is not None and mask.is_floating_point()
+                and not bool(mask.any())):
+            try:
+                out = wrapped(*args, **{**kwargs, "attention_mask": None})
+                self.calls["dropped"] += 1
+                return out
+            except Exception as exc:
+                self.disabled = f"{type(exc).__name__}: {exc}"
+                logger.warning("chatterbox_accel: S3Gen attention without its zero bias failed (%s); "
+                               "keeping the bias from now on", self.disabled)
+        self.calls["kept"] += 1
+        return wrapped(*args, **kwargs)
+
+
+def skip_empty_masks(model, registry) -> SkipEmptyMask | None:
+    """Wrap every transformer block of the estimator; the shared wrapper, or None if none."""
+    from chatterbox.models.s3gen.matcha.transformer import BasicTransformerBlock
+
+    estimator = estimator_of(model)
+    blocks = [m for m in estimator.modules() if isinstance(m, BasicTransformerBlock)] if estimator else []
+    if not blocks:
+        return None
+    wrapper = SkipEmptyMask()
+    for block in blocks:
+        registry.wrap_method(block, "forward", wrapper)
+    return wrapper
