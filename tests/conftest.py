@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 STOP_AFTER = 16  # the test checkpoint's T3 stops after ~16 speech tokens (see checkpoints.py)
 MTL_STOP_AFTER = 4  # speech tokens; the alignment analyzer may add or cut a few
 TURBO_STOP_AFTER = 6  # text + speech tokens (GPT-2 has absolute positions only): "Hi." -> ~4 speech tokens
+VOICE_SECONDS = 1.0  # the built-in voice of every test checkpoint (see ckpt_dir)
 TURBO_PROMPT_TOKENS = 150  # ... for a 150-token voice prompt: the built-in one and a 6 s reference
 
 
@@ -22,8 +23,9 @@ def ckpt_dir(tmp_path_factory):
     from chatterbox_accel.checkpoints import write_english_checkpoint
 
     path = os.environ.get("CHATTERBOX_ACCEL_TEST_CKPT") or tmp_path_factory.mktemp("ckpt-english")
-    # A 3 s built-in voice: S3Gen re-processes it on every generate(), so tests stay quick.
-    return write_english_checkpoint(path, stop_after=STOP_AFTER, voice_seconds=3.0)
+    # A 1 s built-in voice: S3Gen re-processes it on every generate() (its 10 CFG steps run over
+    # prompt + new frames: 1 s instead of 3 s halves each call), so tests stay quick.
+    return write_english_checkpoint(path, stop_after=STOP_AFTER, voice_seconds=VOICE_SECONDS)
 
 
 from chatterbox_accel.checkpoints import (  # noqa: E402
@@ -42,18 +44,19 @@ def families_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mtl_ckpt(families_dir):
-    return write_multilingual_checkpoint(families_dir / "multilingual", stop_after=MTL_STOP_AFTER, voice_seconds=3.0)
+    return write_multilingual_checkpoint(families_dir / "multilingual", stop_after=MTL_STOP_AFTER,
+                                        voice_seconds=VOICE_SECONDS)
 
 
 @pytest.fixture(scope="session")
 def turbo_ckpt(families_dir):
-    return write_turbo_checkpoint(families_dir / "turbo", stop_after=TURBO_STOP_AFTER, voice_seconds=3.0,
+    return write_turbo_checkpoint(families_dir / "turbo", stop_after=TURBO_STOP_AFTER, voice_seconds=VOICE_SECONDS,
                                   prompt_tokens=TURBO_PROMPT_TOKENS)
 
 
 @pytest.fixture(scope="session")
 def vc_ckpt(families_dir):
-    return write_vc_checkpoint(families_dir / "vc", voice_seconds=3.0)
+    return write_vc_checkpoint(families_dir / "vc", voice_seconds=VOICE_SECONDS)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 import wrapt
@@ -99,8 +100,33 @@ def test_generate_options_follow_the_family(argv, expected):
     assert _generate_kwargs(build_parser().parse_args(argv)) == expected
 
 
-def test_say_writes_a_wav_with_the_accelerated_model(tmp_path, ckpt_dir, capsys):
-    """In process (the subprocess path is the bench's test above)."""
+@pytest.fixture(scope="module")
+def loaded(ckpt_dir):
+    """The test checkpoint's ChatterboxTTS, loaded once for the in-process say/check tests (the
+    CLI's own loading from a checkpoint runs in the bench's subprocess test above)."""
+    from chatterbox.tts import ChatterboxTTS
+
+    from chatterbox_accel import restore
+
+    model = ChatterboxTTS.from_local(ckpt_dir, "cpu")
+    yield model
+    restore(model)
+
+
+@pytest.fixture
+def preloaded(loaded, ckpt_dir, monkeypatch):
+    from chatterbox_accel import cli as cli_module
+
+    def load(checkpoint, device):
+        assert Path(checkpoint) == Path(ckpt_dir) and device == "cpu"
+        return loaded
+
+    monkeypatch.setattr(cli_module, "_load_english", load)
+    return loaded
+
+
+def test_say_writes_a_wav_with_the_accelerated_model(tmp_path, ckpt_dir, preloaded, capsys):
+    """In process, on the preloaded model."""
     import soundfile
 
     from chatterbox_accel.cli import main
@@ -116,7 +142,7 @@ def test_say_writes_a_wav_with_the_accelerated_model(tmp_path, ckpt_dir, capsys)
     assert abs(wav).max() > 0 and not (wav != wav).any()
 
 
-def test_check_prints_the_report_and_exits_0(ckpt_dir, capsys):
+def test_check_prints_the_report_and_exits_0(ckpt_dir, preloaded, capsys):
     from chatterbox_accel.cli import main
 
     rc = main(["check", "--checkpoint", str(ckpt_dir), "--option", "check_steps=4"])

@@ -10,36 +10,52 @@ import torch
 from chatterbox_accel.checkpoints import ENGLISH_FILES, english_vocab, tiny_t3
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# An app that never imports chatterbox_accel: it checks which of chatterbox's four model
+# classes have their constructor hooked, then builds a ChatterboxTTS with chatterbox's own API
+# (a 2-layer T3, so no 2 GB load; S3Gen, voice encoder, tokenizer and voice from the test
+# checkpoint) and reports whether the new model came out accelerated.
 APP = textwrap.dedent("""
     import sys
-    from chatterbox.tts import ChatterboxTTS
-    model = ChatterboxTTS.from_local(sys.argv[1], "cpu")
-    print("PATCHED" if "inference" in model.t3.__dict__ else "UNPATCHED")
+    from pathlib import Path
+    import chatterbox.tts, chatterbox.mtl_tts, chatterbox.tts_turbo, chatterbox.vc
+    from chatterbox.models.s3gen import S3Gen
+    from chatterbox.models.t3 import T3
+    from chatterbox.models.t3.llama_configs import LLAMA_520M_CONFIG_DICT, LLAMA_CONFIGS
+    from chatterbox.models.t3.modules.t3_config import T3Config
+    from chatterbox.models.tokenizers import EnTokenizer
+    from chatterbox.models.voice_encoder import VoiceEncoder
+
+    classes = (chatterbox.tts.ChatterboxTTS, chatterbox.mtl_tts.ChatterboxMultilingualTTS,
+               chatterbox.tts_turbo.ChatterboxTurboTTS, chatterbox.vc.ChatterboxVC)
+    hooked = [c.__name__ for c in classes if hasattr(c.__init__, "__wrapped__")]
+    LLAMA_CONFIGS["app_2_layers"] = {**LLAMA_520M_CONFIG_DICT, "num_hidden_layers": 2}
+    hp = T3Config.english_only()
+    hp.llama_config_name = "app_2_layers"
+    folder = Path(sys.argv[1])
+    model = chatterbox.tts.ChatterboxTTS(
+        T3(hp).eval(), S3Gen().eval(), VoiceEncoder().eval(), EnTokenizer(str(folder / "tokenizer.json")),
+        "cpu", conds=chatterbox.tts.Conditionals.load(folder / "conds.pt"))
+    print("chatterbox_accel" in sys.modules, hooked, "PATCHED" if "inference" in model.t3.__dict__ else "UNPATCHED")
 """)
+ALL_FOUR = "['ChatterboxTTS', 'ChatterboxMultilingualTTS', 'ChatterboxTurboTTS', 'ChatterboxVC']"
 
 
-def run_app(tmp_path, ckpt_dir, **env):
+@pytest.mark.parametrize("value,expected", [("1", f"True {ALL_FOUR} PATCHED"), ("0", "False [] UNPATCHED")])
+def test_env_toggle_accelerates_an_app_that_never_imports_us(tmp_path, ckpt_dir, value, expected):
+    """CHATTERBOX_ACCEL=1: all four families' constructors are hooked and a model the app builds
+    comes out accelerated (with CHATTERBOX_ACCEL_OPTIONS read). =0 ("0" rather than unset, so a
+    hook reading any non-empty value as "on" fails too): nothing of ours is even imported."""
     app = tmp_path / "app.py"
-    app.write_text(APP)  # never imports chatterbox_accel
+    app.write_text(APP)
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CHATTERBOX_ACCEL")}
     # The .pth hook imports chatterbox_accel at start-up: from this working tree, not from a
     # possibly older `pip install .` copy in site-packages.
     environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, environ.get("PYTHONPATH")]))
-    environ.update(env)
+    environ.update(CHATTERBOX_ACCEL=value, CHATTERBOX_ACCEL_OPTIONS='{"check_steps": 4}')
     proc = subprocess.run([sys.executable, str(app), str(ckpt_dir)], capture_output=True, text=True,
                           env=environ, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()[-1]
-
-
-def test_env_toggle_accelerates_an_app_that_never_imports_us(tmp_path, ckpt_dir):
-    assert run_app(tmp_path, ckpt_dir, CHATTERBOX_ACCEL="1",
-                   CHATTERBOX_ACCEL_OPTIONS='{"check_steps": 4}') == "PATCHED"
-
-
-def test_without_the_env_toggle_nothing_is_patched(tmp_path, ckpt_dir):
-    # "0" rather than unset: a hook reading any non-empty value as "on" would fail here too.
-    assert run_app(tmp_path, ckpt_dir, CHATTERBOX_ACCEL="0") == "UNPATCHED"
+    assert proc.stdout.strip().splitlines()[-1] == expected
 
 
 def test_importing_the_package_patches_nothing():
