@@ -110,13 +110,6 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
                 report.applied.append("s3gen.compile")
             else:
                 report.fallbacks["s3gen.compile"] = why
-        if cfg.s3gen_skip_empty_mask and "s3gen.compile" not in report.applied:  # compiled: no host check
-            from .s3gen import skip_empty_masks
-
-            skipper = skip_empty_masks(model, registry)
-            if skipper is not None:
-                registry.state["s3gen_mask"] = skipper
-                report.applied.append("s3gen.skip_empty_mask")
         if stream_unsupported(model) is None:
             registry.set_attr(model, "generate_stream", functools.partial(generate_stream, model))
             report.applied.append("generate_stream")

@@ -40,9 +40,6 @@ class AccelConfig:
     # Check the EOS flag on the host every this many steps (one device sync per check).
     # None = every step on CPU (a sync is free there, a wasted step is not), 16 on GPUs.
     eos_check_every: int | None = None
-    # S3Gen: skip the estimator's attention bias when it is all zeros (full attention, one
-    # utterance): the same result without a per-block mask copy (see s3gen.py).
-    s3gen_skip_empty_mask: bool = True
     # CPU: keep oneDNN-packed copies of T3's decode weights (faster decode steps, one more copy
     # of those weights in memory: ~2 GB for English/Multilingual, ~1.2 GB for Turbo).
     cpu_prepack: bool = True
@@ -71,7 +68,7 @@ class AccelConfig:
         self.compile_targets = tuple(self.compile_targets)
         for target in self.compile_targets:
             _choice("compile_targets", target, COMPILE_TARGETS)
-        for name in ("t3", "static_cache", "cpu_prepack", "s3gen_skip_empty_mask", "voice_cache", "check", "strict"):
+        for name in ("t3", "static_cache", "cpu_prepack", "voice_cache", "check", "strict"):
             _bool(name, getattr(self, name))
         for name in ("compile", "cuda_graphs"):
             if getattr(self, name) is not None:
