@@ -113,3 +113,10 @@ def test_off_when_asked_or_when_the_step_is_compiled(tiny_t3, monkeypatch, optio
     assert (why is None) == ("t3.cpu_prepack" not in report.fallbacks)
     if why:
         assert why in report.fallbacks["t3.cpu_prepack"]
+
+
+def test_not_packed_on_a_cpu_where_it_was_not_measured(tiny_t3, monkeypatch):
+    monkeypatch.setattr(prepack.platform, "machine", lambda: "arm64")
+    model = holder(tiny_t3)
+    report = accelerate(model)
+    assert "not on arm64" in report.fallbacks["t3.cpu_prepack"] and runner_of(model).backbone.packed is None

@@ -94,7 +94,7 @@ def test_stream_matches_one_shot_and_joins_are_seamless(model, one_shot):
 def test_same_seed_same_tokens_as_generate(model):
     chatterbox_accel.accelerate(model)
     torch.manual_seed(0)
-    chunks = list(model.generate_stream(TEXT, chunk_size=6, first_chunk_size=8))
+    chunks = list(model.generate_stream(TEXT, chunk_size=8, first_chunk_size=8))
     torch.manual_seed(0)
     wav = model.generate(TEXT)
     audio = torch.cat([c for c, _ in chunks])
@@ -119,7 +119,7 @@ def test_stream_carries_the_watermark(model):
     for watermark in (True, False):
         torch.manual_seed(0)
         runs[watermark] = detect(torch.cat([c for c, _ in model.generate_stream(
-            TEXT, chunk_size=6, first_chunk_size=8, watermark=watermark)]))
+            TEXT, chunk_size=8, first_chunk_size=8, watermark=watermark)]))
     assert runs[True] > 20 * runs[False], runs
 
 
@@ -160,7 +160,7 @@ def test_unaccelerated_model_streams_through_the_original_t3(model):
     chatterbox_accel.restore(model)
     assert not hasattr(model, "generate_stream") or "generate_stream" not in model.__dict__
     torch.manual_seed(0)
-    chunks = list(chatterbox_accel.generate_stream(model, TEXT, chunk_size=6, first_chunk_size=8))
+    chunks = list(chatterbox_accel.generate_stream(model, TEXT, chunk_size=8, first_chunk_size=8))
     torch.manual_seed(0)
     wav = model.generate(TEXT)
     assert sum(c.numel() for c, _ in chunks) == wav.shape[-1] and len(chunks) >= 2
@@ -171,7 +171,7 @@ def test_fast_t3_failure_before_the_first_block_falls_back(model, monkeypatch):
     runner = chatterbox_accel.api.runner_of(model)
     monkeypatch.setattr(runner, "prefill", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     torch.manual_seed(0)
-    chunks = list(model.generate_stream(TEXT, chunk_size=6, first_chunk_size=8))
+    chunks = list(model.generate_stream(TEXT, chunk_size=8, first_chunk_size=8))
     fast = chatterbox_accel.api.fast_inference_of(model)
     assert fast.disabled and "boom" in fast.disabled
     torch.manual_seed(0)
