@@ -238,7 +238,7 @@ def _prepack(runner, cfg: AccelConfig, report: AccelReport, compiled: bool) -> N
     backbone = runner.backbone
     if not cfg.cpu_prepack or backbone.device.type != "cpu":
         return
-    why = unavailable_reason(backbone.device, backbone.dtype)
+    why = unavailable_reason(backbone.dtype)
     if why is None and compiled:
         why = "the decode step is compiled: torch.compile traces the plain kernels"
     if why is None:

@@ -33,14 +33,15 @@ def failed(proc) -> str:
 
 
 # ---- the heavy runs: one of each ----------------------------------------------------------------
-def test_bench_prints_table_then_one_json_line_and_writes_the_chart(tmp_path, preloaded, capsys, monkeypatch):
+def test_bench_prints_table_then_one_json_line_and_writes_the_chart(tmp_path, ckpt_dir, preloaded, capsys,
+                                                                   monkeypatch):
     """In process, on the preloaded model (the entry point itself runs as a subprocess in the
     bad-argument tests below; upstream's loading in the drop-in and family tests)."""
     from chatterbox_accel.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TQDM_DISABLE", "1")
-    rc = main(["bench", "--checkpoint", str(preloaded.ckpt_dir), "--lengths", "0.5", "--repeats", "1",
+    rc = main(["bench", "--checkpoint", str(ckpt_dir), "--lengths", "0.5", "--repeats", "1",
                "--warmup", "0", "--option", "check_steps=4"])
     captured = capsys.readouterr()
     proc = types.SimpleNamespace(stdout=captured.out, stderr=captured.err)
@@ -110,8 +111,8 @@ def test_generate_options_follow_the_family(argv, expected):
 
 @pytest.fixture(scope="module")
 def loaded(ckpt_dir):
-    """The test checkpoint's ChatterboxTTS, loaded once for the in-process say/check tests (the
-    CLI's own loading from a checkpoint runs in the bench's subprocess test above)."""
+    """The test checkpoint's ChatterboxTTS, loaded once for the in-process bench/say/check tests
+    (upstream's `from_local`, which the CLI's loader calls, runs in the drop-in and family tests)."""
     from chatterbox.tts import ChatterboxTTS
 
     from chatterbox_accel import restore
@@ -130,7 +131,6 @@ def preloaded(loaded, ckpt_dir, monkeypatch):
         return loaded
 
     monkeypatch.setattr(cli_module, "_load_english", load)
-    loaded.ckpt_dir = ckpt_dir
     return loaded
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import StaticKVCache
+from .prepack import project
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +117,7 @@ class FastLlama:
 
     def linear(self, module, x):
         """`module(x)` for an nn.Linear: on its packed copy (CPU), if the runner made one."""
-        out = self.packed(module, x, module.bias) if self.packed is not None else None
-        return out if out is not None else linear(module, x)
+        return project(self.packed, module, x, linear)
 
     def linears(self) -> list:
         """The nn.Linear modules a decode step multiplies by, layer by layer."""

@@ -54,11 +54,18 @@ def _weight_of(module) -> torch.Tensor:
     return module.weight.t() if hasattr(module, "nf") else module.weight
 
 
+def project(packed, module, x: torch.Tensor, plain):
+    """`module`'s product with x: on its packed copy when `packed` (a PackedLinears, or None)
+    has one and packing is on, else `plain(module, x)`."""
+    out = packed(module, x) if packed is not None else None
+    return out if out is not None else plain(module, x)
+
+
 class PackedLinears:
     """Packed copies of nn.Linear / Conv1D weights, keyed by module."""
 
     def __init__(self, modules, rows: int = 2):
-        self.weight_of, self.rows = _weight_of, rows
+        self.rows = rows
         self.disabled: str | None = None
         self.entries = {}
         for module in modules:
@@ -67,12 +74,12 @@ class PackedLinears:
 
     def _entry(self, module):
         param = module.weight
-        return param, param._version, _pack(self.weight_of(module), self.rows)
+        return param, param._version, _pack(_weight_of(module), self.rows)
 
     def _verify(self, module) -> None:
         """One packed product against F.linear: a kernel that is broken or numerically off on
         this machine is refused here rather than found by the output check."""
-        weight = self.weight_of(module)
+        weight = _weight_of(module)
         x = torch.randn(self.rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
         want = F.linear(x.double(), weight.double()).float()
         got = _packed_linear(x, self.entries[module][2], None)
@@ -84,8 +91,8 @@ class PackedLinears:
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p, _, _ in self.entries.values())
 
-    def __call__(self, module, x: torch.Tensor, bias=None):
-        """The packed product `x @ W^T + bias` for `module`, or None when the plain kernel should
+    def __call__(self, module, x: torch.Tensor):
+        """The packed product `x @ W^T + b` for `module`, or None when the plain kernel should
         answer (not packed, or packing switched off)."""
         entry = self.entries.get(module)
         if entry is None or self.disabled is not None:
@@ -94,7 +101,7 @@ class PackedLinears:
             param, version, packed = entry
             if module.weight is not param or param._version != version:  # changed since packing
                 param, version, packed = self.entries[module] = self._entry(module)
-            return _packed_linear(x, packed, bias)
+            return _packed_linear(x, packed, module.bias)
         except Exception as exc:  # keep decoding on the plain kernels
             self.disabled = f"{type(exc).__name__}: {exc}"
             logger.warning("chatterbox_accel: packed CPU linear failed (%s); using the plain kernels",
@@ -102,10 +109,8 @@ class PackedLinears:
             return None
 
 
-def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why packing cannot apply here (None when it can)."""
-    if device.type != "cpu":
-        return f"CPU only (the model is on {device.type})"
+def unavailable_reason(dtype: torch.dtype) -> str | None:
+    """Why packing cannot apply to a T3 on the CPU (None when it can)."""
     if dtype != torch.float32:
         return f"float32 only (T3 runs in {dtype})"
     if not torch.backends.mkldnn.is_available():

@@ -28,6 +28,7 @@ from .cache import StaticKVCache
 from .decode import CachedRunner
 from .model import sdpa_attention
 from .patch import FastInference
+from .prepack import project
 from .sampling import sample
 
 logger = logging.getLogger(__name__)
@@ -59,12 +60,10 @@ class FastGPT2:
         self.packed = None  # PackedLinears (CPU decode), set by the runner
 
     def conv1d(self, module, x):
-        out = self.packed(module, x, module.bias) if self.packed is not None else None
-        return out if out is not None else conv1d(module, x)
+        return project(self.packed, module, x, conv1d)
 
     def linear(self, module, x):  # the speech head, an nn.Linear
-        out = self.packed(module, x, module.bias) if self.packed is not None else None
-        return out if out is not None else module(x)
+        return project(self.packed, module, x, lambda m, v: m(v))
 
     def linears(self) -> list:
         """The Conv1D modules a decode step multiplies by, block by block."""
