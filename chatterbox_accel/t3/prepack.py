@@ -2,17 +2,19 @@
 
 A decode step multiplies the CFG batch (1 or 2 rows) by every weight of the transformer, so on a
 CPU it is bound by how fast the weights stream from memory, not by arithmetic. Measured on the
-2-core EPYC (torch 2.6.0, fp32, 120 distinct 4096x1024 weights = 2 GB, one pass each):
+2-core EPYC with `python scripts/bench_linear.py` (torch 2.6.0, fp32, 120 distinct 4096x1024
+weights = 2 GB, one pass each; two runs):
 
     rows   F.linear (MKL)   W @ x^T (model.linear)   oneDNN, weight prepacked
-    1         111 ms             114 ms                     62 ms
-    2         248 ms             124 ms                     75 ms
+    1      108-111 ms          112-114 ms                 62-72 ms
+    2      201-248 ms          102-124 ms                 73-75 ms
 
-The same packed weights also beat MKL on the prefill's row counts (GFLOP/s, 24 such weights):
+At the prefill's row counts the packed weights are faster up to ~200 rows and even at 400
+(GFLOP/s, 24 such weights, two runs):
 
-    rows        16    32    68   204   400
-    MKL         46    82   105   126   137
-    oneDNN     118   140   132   153   152
+    rows        16       32       68      204      400
+    MKL       41-46    51-82   69-105  123-126  136-137
+    oneDNN   105-118  128-140  132-157  153-168  131-152
 
 So the runner keeps a packed copy of each weight T3 multiplies (attention and MLP projections,
 the speech head) and runs every product through `torch.ops.mkldnn._linear_pointwise`, the op
