@@ -46,6 +46,7 @@ class AccelReport:
     seconds: float = 0.0
     device: str = ""
     restored: bool = False  # True when the check failed and every patch was reverted
+    kernels: object = None  # kernels.Selection: what was measured and chosen for T3's products (CPU)
 
     @property
     def ok(self) -> bool:
@@ -56,6 +57,8 @@ class AccelReport:
                  f"in {self.seconds:.1f} s"]
         lines += [f"  applied   {name}" for name in self.applied]
         lines += [f"  fallback  {name}: {why}" for name, why in self.fallbacks.items()]
+        if self.kernels is not None:
+            lines.append(f"  kernels   {self.kernels.describe()}")
         if self.check is not None:
             lines.append(f"  {self.check}")
         if self.restored:
@@ -92,7 +95,7 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
         elif cfg.t3 and not t3_fallback:
             runner = _build_runner(t3, cfg, report)
             _install_steps(runner, t3, cfg, report)
-            _prepack(runner, cfg, report, compiled=runner.step != runner.decode_one_token)
+            _select_kernels(runner, cfg, report, compiled=runner.step != runner.decode_one_token)
             fast = FastInference(runner)
             registry.state["t3_runner"], registry.state["t3_inference"] = runner, fast
             registry.wrap_method(t3, "inference", fast)
@@ -101,7 +104,7 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
             if cfg.check:
                 report.check = run_output_check(
                     t3, runner, _builtin_t3_conds(model), steps=cfg.check_steps,
-                    tolerance=cfg.resolved_tolerance())
+                    tolerance=cfg.resolved_tolerance(), precision=_installed_precision(runner))
         if cfg.compiles_s3gen(str(_model_device(model).type)):
             from .s3gen import compile_estimator
 
@@ -180,11 +183,18 @@ def _validate_model(model, cfg: AccelConfig):
     return t3
 
 
+def _compute_dtype(cfg: AccelConfig, device_type: str) -> str:
+    """T3's compute dtype: `dtype`, or bfloat16 when precision="bfloat16" asks for it on a GPU
+    (on a CPU that precision is a weight format of the kernel table instead)."""
+    return "bfloat16" if cfg.precision == "bfloat16" and device_type != "cpu" else cfg.dtype
+
+
 def _build_runner(t3, cfg: AccelConfig, report: AccelReport) -> T3Runner:
     device_type = t3.device.type
-    dtype = DTYPE_BY_NAME[cfg.dtype]
+    name = _compute_dtype(cfg, device_type)
+    dtype = DTYPE_BY_NAME[name]
     if dtype != torch.float32:
-        report.applied.append(f"t3.{cfg.dtype}")
+        report.applied.append(f"t3.{name}")
     attention = _select_attention(cfg, device_type, dtype, report)
     eos_every = cfg.eos_check_every if cfg.eos_check_every is not None else (
         1 if device_type == "cpu" else 16)  # a CPU "sync" is free; a wasted CPU step is not
@@ -230,27 +240,56 @@ def _install_steps(runner: T3Runner, t3, cfg: AccelConfig, report: AccelReport):
     report.fallbacks.update(result["fallbacks"])
 
 
-def _prepack(runner, cfg: AccelConfig, report: AccelReport, compiled: bool) -> None:
-    """CPU: oneDNN-packed decode weights (t3/prepack.py); anywhere else, or when it fails, the
-    plain kernels (a fallback is reported only on a CPU, where packing was expected)."""
-    from .t3.prepack import unavailable_reason
+def _select_kernels(runner, cfg: AccelConfig, report: AccelReport, compiled: bool) -> None:
+    """CPU: time the candidate kernels of `cfg.precision` on the model's own weights and run T3's
+    products on the fastest (t3/kernels.py); a reduced precision with no kernel faster than plain
+    float32 is refused (float32 is then selected). Off the CPU, or when it fails, the plain kernels."""
+    from .t3.kernels import KernelRefused, select
 
     backbone = runner.backbone
-    if not cfg.cpu_prepack or backbone.device.type != "cpu":
+    if backbone.device.type != "cpu":
+        if cfg.precision in ("int8", "int4"):
+            report.fallbacks["t3.precision"] = (f"precision={cfg.precision!r} is CPU-only so far (not measured "
+                                                f"on a GPU, where T3 at batch 1-2 is launch-bound); T3 stays "
+                                                f"{cfg.dtype}")
         return
-    why = unavailable_reason(backbone.dtype)
-    if why is None and compiled:
+    why = None
+    if backbone.dtype != torch.float32:
+        why = f"the kernel table takes float32 T3 weights (T3 runs in {backbone.dtype})"
+    elif compiled:
         why = "the decode step is compiled: torch.compile traces the plain kernels"
-    if why is None:
+    if why is not None:
+        if cfg.precision != "float32":
+            report.fallbacks["t3.precision"] = f"{why}; T3 stays {cfg.dtype}"
+        report.fallbacks["t3.cpu_kernels"] = f"{why}; T3 uses the plain kernels"
+        return
+    allowed = None if cfg.cpu_prepack else ("plain", "gemv")
+    pinned = None if cfg.cpu_kernel == "auto" else cfg.cpu_kernel
+    modules = runner.product_modules()
+    try:
         try:
-            nbytes = runner.prepack()
-        except Exception as exc:  # an op missing from this torch build, a kernel refused, ...
-            why = f"{type(exc).__name__}: {exc}"
-        else:
-            report.applied.append("t3.cpu_prepack")
-            logger.info("chatterbox_accel: %.2f GiB of T3 weights packed for oneDNN", nbytes / 2**30)
-            return
-    report.fallbacks["t3.cpu_prepack"] = f"{why}; decode uses the plain kernels"
+            selection = select(modules, backbone.plain, cfg.precision, rows=runner.decode_rows,
+                               allowed=allowed, pinned=pinned)
+        except KernelRefused as exc:
+            report.fallbacks["t3.precision"] = f"{exc}; T3 stays float32"
+            selection = select(modules, backbone.plain, "float32", rows=runner.decode_rows, allowed=allowed)
+        table = runner.use_kernels(selection.decode, selection.prefill)
+    except Exception as exc:  # an op missing from this torch build, a kernel refused, ...
+        runner.backbone.kernels = None
+        report.fallbacks["t3.cpu_kernels"] = f"{type(exc).__name__}: {exc}; T3 uses the plain kernels"
+        return
+    report.kernels = selection
+    report.applied.append("t3.cpu_kernels")
+    if selection.precision != "float32":
+        report.applied.append(f"t3.precision.{selection.precision}")
+    logger.info("chatterbox_accel: T3 kernels %s; %.2f GiB of private weight copies",
+                selection.describe(), table.nbytes / 2**30)
+
+
+def _installed_precision(runner) -> str:
+    """The weight format T3's decode products actually run in (float32 unless a table says so)."""
+    table = runner.backbone.kernels
+    return table.decode.precision if table is not None and table.kernel is not None else "float32"
 
 
 def _warmup(runner: T3Runner, t3, steps: int = 4):
@@ -268,15 +307,16 @@ def _accelerate_turbo(model, t3, cfg: AccelConfig, report: AccelReport, registry
     from .t3.turbo import FastTurboInference, TurboRunner, turbo_reference_logits
 
     device_type = t3.device.type
-    dtype = DTYPE_BY_NAME[cfg.dtype]
+    name = _compute_dtype(cfg, device_type)
+    dtype = DTYPE_BY_NAME[name]
     if dtype != torch.float32:
-        report.applied.append(f"t3.{cfg.dtype}")
+        report.applied.append(f"t3.{name}")
     attention = _select_attention(cfg, device_type, dtype, report)
     if cfg.compiles_t3(device_type) or cfg.wants_cuda_graphs(device_type):
         report.fallbacks["t3.step"] = ("Turbo: torch.compile / CUDA graphs of the GPT-2 step are not "
                                        "built yet; the step runs eagerly")
     runner = TurboRunner(t3, attention=attention, dtype=dtype, static_cache=cfg.static_cache)
-    _prepack(runner, cfg, report, compiled=False)
+    _select_kernels(runner, cfg, report, compiled=False)
     fast = FastTurboInference(runner)
     registry.state["t3_runner"], registry.state["t3_inference"] = runner, fast
     registry.wrap_method(t3, "inference_turbo", fast)
@@ -286,7 +326,7 @@ def _accelerate_turbo(model, t3, cfg: AccelConfig, report: AccelReport, registry
         embeds, len_cond = runner.build_prompt(t3_cond, text[:1])
         ref = turbo_reference_logits(t3, embeds, forced)
         fast = runner.teacher_forced_logits(embeds, len_cond, forced)
-        report.check = compare(fast, ref, cfg.resolved_tolerance())
+        report.check = compare(fast, ref, cfg.resolved_tolerance(), _installed_precision(runner))
 
 
 def _model_device(model) -> torch.device:

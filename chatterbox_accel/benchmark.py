@@ -28,7 +28,10 @@ def hardware() -> str:
                     break
     except OSError:
         pass
-    return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    from .t3.kernels import cpu_features
+
+    features = " ".join(sorted(cpu_features())) or "no matrix-feature flags read"
+    return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads; {features})"
 
 
 def versions() -> dict:
@@ -46,53 +49,62 @@ def versions() -> dict:
 
 @dataclass
 class T3BenchResult:
+    """Per path (the original, then each accelerated variant): seconds and tokens per repeat."""
+
     tokens: int
-    original_s: list = field(default_factory=list)
-    accelerated_s: list = field(default_factory=list)
-    original_tokens: list = field(default_factory=list)
-    accelerated_tokens: list = field(default_factory=list)
-    check: str = ""
+    seconds: dict = field(default_factory=dict)   # path -> [s per repeat]
+    counts: dict = field(default_factory=dict)    # path -> [tokens per repeat]
+    checks: dict = field(default_factory=dict)    # variant -> output check line
+    kernels: dict = field(default_factory=dict)   # variant -> kernel selection line (CPU)
+    options: dict = field(default_factory=dict)   # variant -> accelerate() options
     device: str = ""
-    dtype: str = ""
     family: str = "english"
 
-    def it_s(self, which: str) -> float:
-        secs, toks = getattr(self, f"{which}_s"), getattr(self, f"{which}_tokens")
-        return statistics.median(t / s for t, s in zip(toks, secs))
+    def it_s(self, path: str) -> float:
+        return statistics.median(t / s for t, s in zip(self.counts[path], self.seconds[path]))
 
     def summary(self) -> dict:
-        orig, fast = self.it_s("original"), self.it_s("accelerated")
-        return {"benchmark": "t3_decode", "family": self.family, "tokens": self.tokens, "device": self.device, "dtype": self.dtype,
-                "original_it_s": round(orig, 3), "accelerated_it_s": round(fast, 3),
-                "speedup": round(fast / orig, 3), "hardware": hardware(), **versions(),
-                "check": self.check}
+        orig = self.it_s("original")
+        variants = [p for p in self.seconds if p != "original"]
+        first = variants[0]
+        paths = {p: {"it_s": round(self.it_s(p), 3), "speedup": round(self.it_s(p) / orig, 3),
+                     "vs_" + first: round(self.it_s(p) / self.it_s(first), 3),
+                     "options": self.options[p], "kernels": self.kernels.get(p, ""), "check": self.checks[p]}
+                 for p in variants}
+        return {"benchmark": "t3_decode", "family": self.family, "tokens": self.tokens, "device": self.device,
+                "original_it_s": round(orig, 3), "accelerated_it_s": paths[first]["it_s"],
+                "speedup": paths[first]["speedup"], "paths": paths, "hardware": hardware(), **versions()}
 
     def table(self) -> str:
         s = self.summary()
-        rows = [("original T3.inference", s["original_it_s"], 1.0),
-                ("chatterbox_accel", s["accelerated_it_s"], s["speedup"])]
+        first = next(iter(s["paths"]))
         batch = "batch 1 (no CFG)" if self.family == "turbo" else "CFG batch 2"
-        lines = [f"T3 decode ({self.family}), {self.tokens} tokens, {batch}, {self.dtype}, {self.device}: "
-                 f"{s['hardware']}",
+        lines = [f"T3 decode ({self.family}), {self.tokens} tokens, {batch}, {self.device}: {s['hardware']}",
                  f"torch {s['torch']}, transformers {s['transformers']}, chatterbox-tts {s['chatterbox-tts']}",
-                 f"{'path':26s} {'it/s':>8s} {'speedup':>8s}"]
-        lines += [f"{name:26s} {its:8.2f} {sp:7.2f}x" for name, its, sp in rows]
+                 f"{'path':26s} {'it/s':>8s} {'vs orig':>8s} {'vs ' + first:>16s}  check",
+                 f"{'original T3.inference':26s} {s['original_it_s']:8.2f} {1.0:7.2f}x"]
+        for name, p in s["paths"].items():
+            lines.append(f"{name:26s} {p['it_s']:8.2f} {p['speedup']:7.2f}x {p['vs_' + first]:15.2f}x  {p['check']}")
+        lines += [f"kernels ({name}): {k}" for name, k in self.kernels.items() if k]
         return "\n".join(lines)
 
 
-def bench_t3(t3, *, tokens=40, repeats=3, warmup=1, options=None) -> T3BenchResult:
-    """Time the original and accelerated `T3.inference` on `t3` (alternating, median)."""
+def bench_t3(t3, *, tokens=40, repeats=3, warmup=1, options=None, variants=None) -> T3BenchResult:
+    """Time the original `T3.inference` and accelerated variants on `t3` (alternating, median).
+
+    variants: {name: accelerate() options}; default {"accelerated": options}. Each variant is
+    accelerated once (its fast decoder kept), then restored, so every variant and the original
+    run on the same module and weights, repeat by repeat in turn."""
     import types
 
-    from .api import accelerate, restore
+    from .api import accelerate, fast_inference_of, restore
     from .check import probe_inputs
 
+    variants = variants or {"accelerated": dict(options or {})}
     holder = types.SimpleNamespace(t3=t3, conds=None)
-    report = accelerate(holder, **(options or {}))
     turbo = getattr(t3, "is_gpt", False)
     family = "turbo" if turbo else "multilingual" if t3.hp.is_multilingual else "english"
-    result = T3BenchResult(tokens=tokens, check=str(report.check or "not run"),
-                           device=str(t3.device), dtype=(options or {}).get("dtype", "float32"), family=family)
+    result = T3BenchResult(tokens=tokens, device=str(t3.device), family=family)
     t3_cond, _, _ = probe_inputs(t3, None, 1, 0.0 if turbo else 0.5)
     text = torch.randint(1, 700, (1 if turbo else 2, 42), generator=torch.Generator().manual_seed(0)).to(t3.device)
     if turbo:  # no CFG; generate()'s sampling defaults; tokens = 1 + max_gen_len
@@ -104,20 +116,27 @@ def bench_t3(t3, *, tokens=40, repeats=3, warmup=1, options=None) -> T3BenchResu
         kwargs = dict(text_tokens=text, max_new_tokens=tokens, temperature=0.8, cfg_weight=0.5,
                       repetition_penalty=1.2, min_p=0.05, top_p=1.0)
         method = "inference"
-    paths = {"original": lambda: getattr(type(t3), method)(t3, t3_cond=_fresh(t3_cond), **kwargs),
-             "accelerated": lambda: getattr(t3, method)(t3_cond=_fresh(t3_cond), **kwargs)}
-    try:
-        for i in range(warmup + repeats):
-            for name, run in paths.items():
-                sync(t3.device)
-                start = time.perf_counter()
-                out = run()
-                sync(t3.device)
-                if i >= warmup:
-                    getattr(result, f"{name}_s").append(time.perf_counter() - start)
-                    getattr(result, f"{name}_tokens").append(out.shape[-1])
-    finally:
-        restore(holder)
+    paths = {"original": lambda: getattr(type(t3), method)(t3, t3_cond=_fresh(t3_cond), **kwargs)}
+    for name, opts in variants.items():
+        try:
+            report = accelerate(holder, **opts)
+            fast = fast_inference_of(holder)
+        finally:
+            restore(holder)
+        result.options[name], result.checks[name] = opts, str(report.check or "not run")
+        result.kernels[name] = report.kernels.describe() if report.kernels is not None else ""
+        if fast is None or report.restored:
+            raise RuntimeError(f"variant {name!r} did not accelerate: {report}")
+        paths[name] = lambda fast=fast: fast.run({"t3_cond": _fresh(t3_cond), **kwargs})
+    for i in range(warmup + repeats):
+        for name, run in paths.items():
+            sync(t3.device)
+            start = time.perf_counter()
+            out = run()
+            sync(t3.device)
+            if i >= warmup:
+                result.seconds.setdefault(name, []).append(time.perf_counter() - start)
+                result.counts.setdefault(name, []).append(out.shape[-1])
     return result
 
 

@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .t3.kernels import KERNELS, PRECISIONS
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
 COMPILE_TARGETS = ("t3", "s3gen")  # s3gen: the flow's CFM estimator, opt-in (see s3gen.py)
@@ -40,9 +42,18 @@ class AccelConfig:
     # Check the EOS flag on the host every this many steps (one device sync per check).
     # None = every step on CPU (a sync is free there, a wasted step is not), 16 on GPUs.
     eos_check_every: int | None = None
-    # CPU: keep oneDNN-packed copies of T3's decode weights (faster decode steps, one more copy
-    # of those weights in memory: ~2 GB for English/Multilingual, ~1.2 GB for Turbo).
+    # CPU: T3's products run on the kernel measured fastest on this machine at accelerate()
+    # (t3/kernels.py). False: never the oneDNN-packed candidate (it keeps one more fp32 copy of
+    # the weights: ~2 GB for English/Multilingual, ~1.2 GB for Turbo).
     cpu_prepack: bool = True
+    # CPU: "auto" (measure the candidates, use the fastest) or a kernel name to pin without
+    # measuring: float32 "plain" | "gemv" | "onednn"; bfloat16 "onednn-bf16" | "bf16";
+    # int8 "fbgemm-int8" | "int8pack"; int4 "int4pack".
+    cpu_kernel: str = "auto"
+    # T3 weight format: "float32" (exact), or "bfloat16" / "int8" / "int4" (private reduced copies
+    # of the projection and speech-head weights; CPU. On a GPU, "bfloat16" means dtype bfloat16).
+    # The output check then judges argmax agreement and KL against float32 (check.py).
+    precision: str = "float32"
     # T3 compute dtype: "float32" (exact parity) or "bfloat16"/"float16" (GPU, faster).
     dtype: str = "float32"
     # Cache prepare_conditionals per reference audio (by content hash); reused by generate().
@@ -63,6 +74,11 @@ class AccelConfig:
         _choice("attention", self.attention, ATTENTION_BACKENDS)
         _choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("precision", self.precision, PRECISIONS)
+        kernels = ["auto"] + [n for n, k in KERNELS.items() if k.precision == self.precision]
+        if self.cpu_kernel not in kernels:
+            raise ValueError(f"option cpu_kernel={self.cpu_kernel!r} is not valid with precision="
+                             f"{self.precision!r}; allowed values: {kernels}")
         if isinstance(self.compile_targets, str):
             self.compile_targets = (self.compile_targets,)
         self.compile_targets = tuple(self.compile_targets)

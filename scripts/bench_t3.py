@@ -5,6 +5,10 @@ Same random weights (full-size T3 unless --layers), CFG batch 2, N tokens per ru
 alternating repeats; prints a table, then one JSON line last.
 
     python scripts/bench_t3.py --tokens 40 --repeats 3 [--multilingual | --turbo] [--no-prepack]
+        [--precision float32,int8,...] [--kernel NAME]
+
+Each --precision value is one accelerated variant, run in the same process on the same weights
+(alternating with the original), so the table's ratios are measured side by side.
 """
 import argparse
 import logging
@@ -30,7 +34,10 @@ def main():
                     help="multilingual T3 (its original loop runs the alignment analyzer on eager attention)")
     ap.add_argument("--turbo", action="store_true", help="Turbo's GPT-2 T3 (inference_turbo, 375-token voice prompt)")
     ap.add_argument("--no-compile", action="store_true", help="disable torch.compile / CUDA graphs")
-    ap.add_argument("--no-prepack", action="store_true", help="CPU: decode on the plain kernels (cpu_prepack=False)")
+    ap.add_argument("--no-prepack", action="store_true", help="CPU: never the oneDNN-packed kernel (cpu_prepack=False)")
+    ap.add_argument("--precision", default="float32",
+                    help="comma-separated T3 weight formats, one variant each: float32,bfloat16,int8,int4")
+    ap.add_argument("--kernel", default="auto", help="CPU: pin a kernel (cpu_kernel) instead of measuring")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     mtl = args.multilingual
@@ -43,9 +50,12 @@ def main():
         options.update(compile=False, cuda_graphs=False)
     if args.no_prepack:
         options.update(cpu_prepack=False)
-    result = bench_t3(t3, tokens=args.tokens, repeats=args.repeats, warmup=args.warmup, options=options)
+    variants = {}
+    for precision in args.precision.split(","):
+        name = "accelerated" if precision == "float32" else f"accelerated {precision}"
+        variants[name] = {**options, "precision": precision, "cpu_kernel": args.kernel}
+    result = bench_t3(t3, tokens=args.tokens, repeats=args.repeats, warmup=args.warmup, variants=variants)
     print(result.table())
-    print(result.check)
     print(json_line(result.summary()))
 
 

@@ -18,20 +18,20 @@ def assert_close(fast, ref, rel=REL_TOL):
     assert diff <= rel * scale, f"max |dlogit| {diff:.3g} > {rel:g} x max|logit| {scale:.3g}"
 
 
-def fast_forced_logits(t3, t3_cond, text, forced, cfg_weight, prepack=True):
-    """prepack: on oneDNN-packed weights, as accelerate() runs on a CPU (t3/prepack.py)."""
+def fast_forced_logits(t3, t3_cond, text, forced, cfg_weight, kernel="onednn"):
+    """kernel: the float32 kernel every product runs on (t3/kernels.py; gemv at decode sizes only)."""
     runner = T3Runner(t3, attention=sdpa_attention)
-    if prepack:
-        runner.prepack()
+    runner.use_kernels(kernel, "plain" if kernel == "gemv" else kernel)
     embeds = runner.build_prompt(fresh(t3_cond), text, cfg_weight)
     return runner.teacher_forced_logits(embeds, forced[:-1], cfg_weight)
 
 
-@pytest.mark.parametrize("cfg_weight,prepack", [(0.5, True), (0.5, False), (0.3, True), (1.0, True)])
-def test_teacher_forced_logits_match_original_loop(tiny_t3, cfg_weight, prepack, monkeypatch):
+@pytest.mark.parametrize("cfg_weight,kernel", [(0.5, "onednn"), (0.5, "plain"), (0.5, "gemv"), (0.3, "onednn"),
+                                               (1.0, "plain")])
+def test_teacher_forced_logits_match_original_loop(tiny_t3, cfg_weight, kernel, monkeypatch):
     t3_cond, text, forced = probe(tiny_t3, steps=12)
     ref = original_forced_logits(tiny_t3, t3_cond, text, forced, cfg_weight, monkeypatch)
-    fast = fast_forced_logits(tiny_t3, t3_cond, text, forced, cfg_weight, prepack)
+    fast = fast_forced_logits(tiny_t3, t3_cond, text, forced, cfg_weight, kernel)
     assert fast.shape == ref.shape == (12, 8194)
     assert_close(fast, ref)
 

@@ -53,8 +53,10 @@ def fast(t3, seed=0, conds=None, **kwargs):
 
 @pytest.fixture
 def accelerated(t3):
+    # every product on the oneDNN-packed kernel (pinned: on a CPU where plain measures faster,
+    # auto would leave the kernel table empty and these tests would not cover it)
     model = holder(t3)
-    report = accelerate(model)
+    report = accelerate(model, cpu_kernel="onednn")
     yield model, report
     restore(model)
 
@@ -78,9 +80,20 @@ def test_same_tokens_as_the_original(t3, accelerated, options):
 def test_report_and_output_check(accelerated):
     _, report = accelerated
     assert "t3.static_kv_cache" in report.applied and "t3" not in report.fallbacks
-    # on a CPU the GPT-2 projections and the speech head run on oneDNN-packed copies (prepack.py)
-    assert "t3.cpu_prepack" in report.applied and len(runner_of(accelerated[0]).gpt2.packed.entries) == 4 * 2 + 1
+    # the GPT-2 projections and the speech head run on the pinned kernel's copies (kernels.py)
+    assert "t3.cpu_kernels" in report.applied and len(runner_of(accelerated[0]).gpt2.kernels.entries) == 4 * 2 + 1
     assert report.check.passed and report.check.rel_diff < 1e-5
+
+
+def test_auto_kernels_and_int8_weights(t3):
+    model = holder(t3)
+    report = accelerate(model)  # measured: whichever float32 kernel is fastest here
+    assert report.kernels.decode in ("plain", "gemv", "onednn") and report.check.rel_diff < 1e-5
+    assert fast(t3, max_gen_len=20).tolist() == original(t3, max_gen_len=20).tolist()
+    report = accelerate(model, precision="int8", cpu_kernel="int8pack")
+    assert report.check.passed and report.check.precision == "int8", str(report)
+    assert len(runner_of(model).gpt2.kernels.entries) == 4 * 2 + 1
+    restore(model)
 
 
 def test_stops_at_eos_and_drops_it_like_the_original(t3, accelerated):

@@ -59,15 +59,21 @@ class CachedRunner:
             self.cache = cache
         return cache
 
-    def prepack(self) -> int:
-        """CPU decode: oneDNN-packed copies of the weights each step multiplies (see prepack.py).
-        Returns the bytes the copies take; raises when packing does not work here."""
-        from .prepack import PackedLinears
+    decode_rows = 2  # rows of a decode-step product: the CFG pair (Turbo: 1)
 
-        self.backbone.packed = None
-        packed = PackedLinears(self.backbone.linears() + [self.speech_head])
-        self.backbone.packed = packed
-        return packed.nbytes
+    def product_modules(self) -> list:
+        """Every module a decode step multiplies by: the backbone's projections, the speech head."""
+        return self.backbone.linears() + [self.speech_head]
+
+    def use_kernels(self, decode: str, prefill: str):
+        """Run the backbone's products through these kernels (names from kernels.KERNELS), on
+        private copies prepared now; returns the KernelTable. Raises when they do not work here."""
+        from .kernels import KernelTable
+
+        self.backbone.kernels = None
+        table = KernelTable(self.product_modules(), decode, prefill, rows=self.decode_rows)
+        self.backbone.kernels = table
+        return table
 
     def kv_len_for(self, position: int, cache) -> int:
         """How many cache slots attention reads when the newest token sits at `position`."""

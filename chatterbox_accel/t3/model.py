@@ -7,8 +7,8 @@ the only differences from `LlamaModel.forward` are the ones that make it fast:
 - RoPE cos/sin come from a table precomputed once with the model's own `rotary_emb`;
 - attention is SDPA or flash-attn over the first `kv_len` cache slots with a positional mask,
   never the eager path that `output_attentions=True` forces; no hidden states are kept;
-- on CPU, matmuls run on oneDNN-prepacked copies of the weights when the runner made them
-  (see prepack.py), else decode-sized ones use the faster GEMV orientation (see `linear`);
+- on CPU, matmuls run through the kernel table the runner chose by measurement (kernels.py:
+  oneDNN-packed, GEMV-oriented or reduced-precision copies), else `F.linear` as the original;
 - where a caller needs attention maps (the multilingual alignment analyzer reads three heads),
   only those heads' probabilities are computed, beside the fast attention (see `spy_heads`).
 """
@@ -21,28 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from .cache import StaticKVCache
-from .prepack import project
+from .kernels import project
 
 logger = logging.getLogger(__name__)
 
 
 def linear(module, x):
-    """`module(x)` for an nn.Linear, picking the faster kernel for decode-sized inputs on CPU.
-
-    At M = batch*seq <= 16 rows, `W @ x^T` (a GEMV over the weight's own row-major layout) runs
-    about 2x faster than `F.linear`'s `x @ W^T` sgemm on the CPUs measured (same fp32 math,
-    differences at rounding level). Both x and the result must be contiguous: a transposed
-    result would flow through the next ops and hand the following matmul a row-major B, which
-    is MKL's slow path (measured 3x slower per step).
-    """
-    weight, bias = module.weight, module.bias
-    rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or rows > 16:
-        return F.linear(x, weight, bias)
-    x2 = x.reshape(rows, -1).contiguous()  # (M, K)
-    out = torch.mm(weight, x2.t()).t().contiguous()  # (N, K) @ (K, M) -> (M, N)
-    out = out.view(*x.shape[:-1], weight.shape[0])
-    return out if bias is None else out + bias
+    """`module(x)` for an nn.Linear: `F.linear`, the original's own kernel (the plain path)."""
+    return F.linear(x, module.weight, module.bias)
 
 
 def rotate_half(x):
@@ -113,11 +99,13 @@ class FastLlama:
         self.cos = self.sin = None
         self.spies: dict[int, int] = {}  # layer -> head whose attention map forward() keeps
         self.spied: dict[int, torch.Tensor] = {}  # layer -> (S, kv_len) probabilities, batch row 0
-        self.packed = None  # PackedLinears (CPU decode), set by the runner
+        self.kernels = None  # KernelTable (CPU), set by the runner after measuring
+
+    plain = staticmethod(linear)  # the original's kernel for any product of this backbone
 
     def linear(self, module, x):
-        """`module(x)` for an nn.Linear: on its packed copy (CPU), if the runner made one."""
-        return project(self.packed, module, x, linear)
+        """`module(x)` for an nn.Linear: through the runner's kernel table (CPU), if it made one."""
+        return project(self.kernels, module, x, linear)
 
     def linears(self) -> list:
         """The nn.Linear modules a decode step multiplies by, layer by layer."""

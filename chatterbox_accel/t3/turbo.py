@@ -28,7 +28,7 @@ from .cache import StaticKVCache
 from .decode import CachedRunner
 from .model import sdpa_attention
 from .patch import FastInference
-from .prepack import project
+from .kernels import project
 from .sampling import sample
 
 logger = logging.getLogger(__name__)
@@ -57,13 +57,18 @@ class FastGPT2:
         self.n_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.attention = attention
-        self.packed = None  # PackedLinears (CPU decode), set by the runner
+        self.kernels = None  # KernelTable (CPU), set by the runner after measuring
+
+    @staticmethod
+    def plain(module, x):
+        """The original's kernel for a Conv1D projection or the speech head (an nn.Linear)."""
+        return conv1d(module, x) if hasattr(module, "nf") else module(x)
 
     def conv1d(self, module, x):
-        return project(self.packed, module, x, conv1d)
+        return project(self.kernels, module, x, conv1d)
 
     def linear(self, module, x):  # the speech head, an nn.Linear
-        return project(self.packed, module, x, lambda m, v: m(v))
+        return project(self.kernels, module, x, lambda m, v: m(v))
 
     def linears(self) -> list:
         """The Conv1D modules a decode step multiplies by, block by block."""
@@ -134,6 +139,8 @@ def turbo_scores(logits: torch.Tensor, presence: torch.Tensor, p: TurboParams) -
 
 class TurboRunner(CachedRunner):
     """Fast `inference_turbo` for one Turbo `T3`. Owns the static KV cache."""
+
+    decode_rows = 1  # no CFG
 
     def __init__(self, t3, *, attention=sdpa_attention, dtype=None, kv_bucket: int | None = 32,
                  static_cache=True):
