@@ -9,8 +9,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .t3.kernels import KERNELS, PRECISIONS
-
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
 COMPILE_TARGETS = ("t3", "s3gen")  # s3gen: the flow's CFM estimator, opt-in (see s3gen.py)
@@ -74,6 +72,8 @@ class AccelConfig:
         _choice("attention", self.attention, ATTENTION_BACKENDS)
         _choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _choice("dtype", self.dtype, DTYPES)
+        from .t3.kernels import KERNELS, PRECISIONS  # here, not at import: importing the package loads no torch
+
         _choice("precision", self.precision, PRECISIONS)
         kernels = ["auto"] + [n for n, k in KERNELS.items() if k.precision == self.precision]
         if self.cpu_kernel not in kernels:
