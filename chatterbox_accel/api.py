@@ -47,6 +47,7 @@ class AccelReport:
     device: str = ""
     restored: bool = False  # True when the check failed and every patch was reverted
     kernels: object = None  # kernels.Selection: what was measured and chosen for T3's products (CPU)
+    s3gen_check: object = None  # s3gen_fast.MelCheck: the S3Gen fast modes' probe against the exact path
 
     @property
     def ok(self) -> bool:
@@ -61,6 +62,8 @@ class AccelReport:
             lines.append(f"  kernels   {self.kernels.describe()}")
         if self.check is not None:
             lines.append(f"  {self.check}")
+        if self.s3gen_check is not None:
+            lines.append(f"  {self.s3gen_check}")
         if self.restored:
             lines.append("  model restored to the original code (output check failed)")
         return "\n".join(lines)
@@ -113,6 +116,8 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
                 report.applied.append("s3gen.compile")
             else:
                 report.fallbacks["s3gen.compile"] = why
+        if cfg.s3gen_modes.active:
+            _install_s3gen_modes(model, cfg, report, registry)
         if stream_unsupported(model) is None:
             registry.set_attr(model, "generate_stream", functools.partial(generate_stream, model))
             report.applied.append("generate_stream")
@@ -284,6 +289,34 @@ def _select_kernels(runner, cfg: AccelConfig, report: AccelReport, compiled: boo
         report.applied.append(f"t3.precision.{selection.precision}")
     logger.info("chatterbox_accel: T3 kernels %s; %.2f GiB of private weight copies",
                 selection.describe(), table.nbytes / 2**30)
+
+
+def _install_s3gen_modes(model, cfg: AccelConfig, report: AccelReport, registry) -> None:
+    """The S3Gen fast modes (s3gen_fast.py), after a probe measured their mel deviation from the
+    exact path within MEL_LIMIT; over it, they are refused with the figures (the rest stays)."""
+    from .patching import PatchRegistry
+    from .s3gen_fast import MEL_LIMIT, MelCheck, compare_mels, install, mel_probe, probe_ref
+
+    modes = cfg.s3gen_modes
+    names = ", ".join(modes.names())
+    conds = getattr(model, "conds", None)
+    if cfg.check and getattr(conds, "gen", None) is not None:
+        ref = probe_ref(model, modes)
+        exact, t_exact = mel_probe(model, ref)
+        trial = PatchRegistry()
+        try:
+            install(model, trial, modes)
+            fast, t_fast = mel_probe(model, ref)
+        finally:
+            trial.revert()
+        rel, cos = compare_mels(fast, exact)
+        passed = bool(torch.isfinite(fast).all()) and rel <= MEL_LIMIT
+        report.s3gen_check = MelCheck(passed, rel, cos, t_exact, t_fast, MEL_LIMIT, names)
+        if not passed:
+            report.fallbacks["s3gen.modes"] = f"{report.s3gen_check}; S3Gen runs exact"
+            return
+    install(model, registry, modes)
+    report.applied += modes.names()
 
 
 def _installed_precision(runner) -> str:

@@ -58,6 +58,19 @@ class AccelConfig:
     voice_cache: bool = True
     # How many reference voices the cache keeps (least recently used ones are dropped).
     voice_cache_size: int = 16
+    # S3Gen fast modes (s3gen_fast.py; each changes the audio, each off by default):
+    # CFM Euler steps (None: upstream's 10, Turbo's meanflow 2).
+    s3gen_steps: int | None = None
+    # Classifier-free guidance inside the CFM (False: the conditional row only, half the work).
+    s3gen_cfg: bool = True
+    # Cap, in seconds, on the reference prompt S3Gen re-reads every call (its last seconds; None:
+    # upstream's, up to 10 s).
+    s3gen_prompt_seconds: float | None = None
+    # The CFM estimator's compute dtype: "float32" or "bfloat16" (autocast; HiFT stays float32).
+    s3gen_dtype: str = "float32"
+    # A named bundle of options: "exact" (nothing that changes the output) or "fast" (see
+    # PRESETS). Explicit options override the preset's; applied by `from_options`.
+    preset: str = "exact"
     # Run the output check (original vs patched on a teacher-forced probe) after patching.
     check: bool = True
     # Teacher-forced probe length of the output check, in speech tokens.
@@ -75,6 +88,17 @@ class AccelConfig:
         from .t3.kernels import KERNELS, PRECISIONS  # here, not at import: importing the package loads no torch
 
         _choice("precision", self.precision, PRECISIONS)
+        _choice("s3gen_dtype", self.s3gen_dtype, ("float32", "bfloat16"))
+        _choice("preset", self.preset, tuple(PRESETS))
+        if self.s3gen_steps is not None:
+            _positive_int("s3gen_steps", self.s3gen_steps)
+        _bool("s3gen_cfg", self.s3gen_cfg)
+        if self.s3gen_prompt_seconds is not None and not (
+            isinstance(self.s3gen_prompt_seconds, (int, float)) and not isinstance(self.s3gen_prompt_seconds, bool)
+            and self.s3gen_prompt_seconds >= 1.0
+        ):
+            raise ValueError(f"option s3gen_prompt_seconds={self.s3gen_prompt_seconds!r} must be a number "
+                             f">= 1.0 (seconds of the reference) or None")
         kernels = ["auto"] + [n for n, k in KERNELS.items() if k.precision == self.precision]
         if self.cpu_kernel not in kernels:
             raise ValueError(f"option cpu_kernel={self.cpu_kernel!r} is not valid with precision="
@@ -109,7 +133,17 @@ class AccelConfig:
             raise ValueError(
                 f"unknown option(s) {unknown}; allowed options are: {sorted(known)}"
             )
-        return cls(**merged)
+        preset = merged.get("preset", "exact")
+        if preset not in PRESETS:
+            raise ValueError(f"option preset={preset!r} is not valid; allowed values: {list(PRESETS)}")
+        return cls(**{**PRESETS[preset], **merged})
+
+    @property
+    def s3gen_modes(self):
+        from .s3gen_fast import S3GenModes
+
+        return S3GenModes(steps=self.s3gen_steps, cfg=self.s3gen_cfg, prompt_seconds=self.s3gen_prompt_seconds,
+                          dtype=self.s3gen_dtype)
 
     def resolved_tolerance(self) -> float:
         if self.check_tolerance is not None:
@@ -132,6 +166,14 @@ class AccelConfig:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Named option bundles. "fast": chosen by measurement on random full-size weights on a 2-core
+# Intel Xeon (AMX), see README "Presets"; every part of it changes the output and is checked.
+PRESETS = {
+    "exact": {},
+    "fast": {"precision": "int8", "s3gen_steps": 5, "s3gen_cfg": False, "s3gen_dtype": "bfloat16"},
+}
 
 
 def _choice(name, value, allowed):

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .s3gen_fast import modes_of
+
 logger = logging.getLogger(__name__)
 
 SPEECH_VOCAB = 6561          # ids >= this are T3 specials (BOS/EOS), never sent to S3Gen
@@ -121,7 +123,14 @@ class S3GenStreamer:
     """Speech tokens in (block by block), watermarked audio out (chunk by chunk)."""
 
     def __init__(self, s3gen, ref: dict, max_tokens: int, *, context_tokens: int | None = 100,
-                 watermarker=None, sample_rate: int = 24000, noise: torch.Tensor | None = None):
+                 watermarker=None, sample_rate: int = 24000, noise: torch.Tensor | None = None,
+                 modes=None):
+        """modes: the S3Gen fast modes in force (s3gen_fast.S3GenModes; CFG-off and bf16 act
+        through the patched solver and estimator, the step count and prompt cap here)."""
+        from .s3gen_fast import S3GenModes
+
+        modes = modes or S3GenModes()
+        ref = modes.cap(ref)
         self.s3gen, self.flow, self.hift = s3gen, s3gen.flow, s3gen.mel2wav
         device, dtype = s3gen.device, s3gen.dtype
         self.ref = {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in ref.items()}
@@ -131,7 +140,7 @@ class S3GenStreamer:
         self.ratio = self.flow.token_mel_ratio
         self.lookahead = self.flow.pre_lookahead_len
         self.meanflow = bool(getattr(s3gen, "meanflow", False))
-        self.n_timesteps = 2 if self.meanflow else 10
+        self.n_timesteps = modes.steps_for(2 if self.meanflow else 10)
         frames = self.prompt_frames + self.ratio * max_tokens
         # A private generator, seeded from the global RNG's state without drawing from it: the
         # same torch.manual_seed gives the same stream, and T3's sampling (global RNG) sees the
@@ -342,7 +351,7 @@ def _stream(model, text, options, *, max_new_tokens, chunk_size, first_chunk_siz
             if streamer is None:  # after the first block: Multilingual/Turbo know the length now
                 streamer = S3GenStreamer(model.s3gen, model.conds.gen, max_tokens(), context_tokens=context_tokens,
                                          watermarker=model.watermarker if watermark else None,
-                                         sample_rate=model.sr)
+                                         sample_rate=model.sr, modes=modes_of(model))
             audio = streamer.push(ids, final)
             if audio.numel() == 0 and not final:
                 continue
