@@ -78,10 +78,11 @@ def test_prompt_cap_keeps_the_last_seconds_of_the_reference(tiny_model, monkeypa
 
 
 # Measured on this test model (30 tokens, 1 s voice, seed 0), 2-core Intel Xeon (AMX), torch 2.6.0:
-# relative L2 of the mel vs exact. The bounds are those with a margin.
+# relative L2 of the mel vs exact: bf16 estimator 0.0099, 5 steps 0.134 (CFG off 0.278: see the
+# test above for what it equals). The bounds are those within a factor 2.5 either way.
 @pytest.mark.parametrize("options,low,high", [
-    (dict(s3gen_dtype="bfloat16"), 1e-4, 0.05),
-    (dict(s3gen_steps=5), 1e-3, 0.5),
+    (dict(s3gen_dtype="bfloat16"), 0.004, 0.025),
+    (dict(s3gen_steps=5), 0.05, 0.34),
 ])
 def test_deviation_of_each_mode_within_measured_bounds(tiny_model, options, low, high):
     exact = mel(tiny_model)
