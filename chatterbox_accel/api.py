@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .check import CheckResult, probe_inputs, run_output_check
+from . import versions
 from .config import AccelConfig
 from .families import family_of, t3_fallback_reason, voice_method_of
 from .patching import drop_registry, get_registry
@@ -46,6 +47,7 @@ class AccelReport:
     seconds: float = 0.0
     device: str = ""
     restored: bool = False  # True when the check failed and every patch was reverted
+    versions: dict = field(default_factory=dict)  # untested package versions installed ({name: version})
     kernels: object = None  # kernels.Selection: what was measured and chosen for T3's products (CPU)
     s3gen_check: object = None  # s3gen_fast.MelCheck: the S3Gen fast modes' probe against the exact path
 
@@ -58,6 +60,9 @@ class AccelReport:
                  f"in {self.seconds:.1f} s"]
         lines += [f"  applied   {name}" for name in self.applied]
         lines += [f"  fallback  {name}: {why}" for name, why in self.fallbacks.items()]
+        if self.versions:
+            lines.append(f"  untested  {', '.join(f'{k} {v}' for k, v in self.versions.items())} "
+                         f"(tested: chatterbox-tts 0.1.7, torch 2.6, transformers 5.2.0)")
         if self.kernels is not None:
             lines.append(f"  kernels   {self.kernels.describe()}")
         if self.check is not None:
@@ -90,7 +95,11 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
             wrapper = CachedSetTargetVoice if voice_method == "set_target_voice" else CachedPrepareConditionals
             registry.wrap_method(model, voice_method, wrapper(cache))
             report.applied.append("voice_cache")
+        report.versions = versions.untested()
         t3_fallback = t3_fallback_reason(model)  # VC: see families.py
+        if not t3_fallback and not cfg.check:  # another chatterbox-tts: only a checked loop may run
+            why = versions.chatterbox_reason("the fast T3 loop")
+            t3_fallback = why and f"{why}; it runs only when the output check verifies it (check=True)"
         if cfg.t3 and t3_fallback:
             report.fallbacks["t3"] = t3_fallback
         if cfg.t3 and not t3_fallback and getattr(t3, "is_gpt", False):
@@ -117,8 +126,15 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
             else:
                 report.fallbacks["s3gen.compile"] = why
         if cfg.s3gen_modes.active:
-            _install_s3gen_modes(model, cfg, report, registry)
-        if stream_unsupported(model) is None:
+            why = None if cfg.check else versions.chatterbox_reason("the S3Gen fast modes")
+            if why:
+                report.fallbacks["s3gen.modes"] = f"{why}; they run only behind their probe (check=True)"
+            else:
+                _install_s3gen_modes(model, cfg, report, registry)
+        stream_why = versions.chatterbox_reason("generate_stream")
+        if stream_why and stream_unsupported(model) is None:
+            report.fallbacks["generate_stream"] = f"{stream_why}; no probe verifies it, so it is not attached"
+        elif stream_unsupported(model) is None:
             registry.set_attr(model, "generate_stream", functools.partial(generate_stream, model))
             report.applied.append("generate_stream")
     except BaseException:

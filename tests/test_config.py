@@ -39,3 +39,29 @@ def test_device_dependent_defaults():
     assert cfg.wants_compile("cuda") and not cfg.wants_compile("cpu")
     assert cfg.wants_cuda_graphs("cuda") and not cfg.wants_cuda_graphs("cpu")
     assert not AccelConfig(cuda_graphs=True).wants_cuda_graphs("cpu")
+
+
+def test_an_untested_chatterbox_version_runs_only_what_a_check_verifies(tiny_model, monkeypatch):
+    import chatterbox_accel.versions as versions
+    from chatterbox_accel import accelerate, restore
+
+    real = versions.installed
+    monkeypatch.setattr(versions, "installed", lambda p: "0.1.9" if p == "chatterbox-tts" else real(p))
+    report = accelerate(tiny_model)  # checked: the T3 loop is verified, so it stays
+    try:
+        assert report.versions == {"chatterbox-tts": "0.1.9"} and "untested  chatterbox-tts 0.1.9" in str(report)
+        assert report.check.passed and "t3.static_kv_cache" in report.applied
+        assert "chatterbox-tts 0.1.9 is installed" in report.fallbacks["generate_stream"]
+        assert "generate_stream" not in tiny_model.__dict__
+    finally:
+        restore(tiny_model)
+    report = accelerate(tiny_model, check=False, s3gen_steps=5)
+    try:
+        assert "the fast T3 loop mirrors chatterbox-tts 0.1.7" in report.fallbacks["t3"]
+        assert "inference" not in tiny_model.t3.__dict__
+        assert "check=True" in report.fallbacks["s3gen.modes"]
+    finally:
+        restore(tiny_model)
+    monkeypatch.setattr(versions, "installed", real)
+    assert accelerate(tiny_model).versions == {} and "generate_stream" in tiny_model.__dict__
+    restore(tiny_model)
