@@ -90,6 +90,12 @@ class AccelConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("s3gen_dtype", self.s3gen_dtype, ("float32", "bfloat16"))
         _choice("preset", self.preset, tuple(PRESETS))
+        bundle = PRESETS[self.preset]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if bundle and all(getattr(self, k) == defaults[k] != v for k, v in bundle.items()):
+            raise ValueError(f"AccelConfig(preset={self.preset!r}) built directly does not apply the preset's "
+                             f"options; use accelerate(model, preset={self.preset!r}) or "
+                             f"AccelConfig.from_options(preset={self.preset!r})")
         if self.s3gen_steps is not None:
             _positive_int("s3gen_steps", self.s3gen_steps)
         _bool("s3gen_cfg", self.s3gen_cfg)

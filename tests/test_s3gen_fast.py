@@ -148,3 +148,8 @@ def test_mel_probe_leaves_the_global_rng_alone(tiny_model):
     state = torch.random.get_rng_state()
     mel_probe(tiny_model, tiny_model.conds.gen)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_a_preset_is_never_dropped_silently():
+    with pytest.raises(ValueError, match=r"built directly does not apply the preset"):
+        AccelConfig(preset="fast")
