@@ -62,7 +62,7 @@ class AccelReport:
         lines += [f"  fallback  {name}: {why}" for name, why in self.fallbacks.items()]
         if self.versions:
             lines.append(f"  untested  {', '.join(f'{k} {v}' for k, v in self.versions.items())} "
-                         f"(tested: chatterbox-tts 0.1.7, torch 2.6, transformers 5.2.0)")
+                         f"(tested: chatterbox-tts 0.1.7, torch 2.6 / 2.11, transformers 5.2.0)")
         if self.kernels is not None:
             lines.append(f"  kernels   {self.kernels.describe()}")
         if self.check is not None:
