@@ -284,16 +284,16 @@ def _select_kernels(runner, cfg: AccelConfig, report: AccelReport, compiled: boo
             report.fallbacks["t3.precision"] = f"{why}; T3 stays {cfg.dtype}"
         report.fallbacks["t3.cpu_kernels"] = f"{why}; T3 uses the plain kernels"
         return
-    allowed = None if cfg.cpu_prepack else ("plain", "gemv")
+    exact_allowed = None if cfg.cpu_prepack else ("plain", "gemv")  # cpu_prepack=False: never onednn
     pinned = None if cfg.cpu_kernel == "auto" else cfg.cpu_kernel
     modules = runner.product_modules()
     try:
         try:
-            selection = select(modules, backbone.plain, cfg.precision, rows=runner.decode_rows,
-                               allowed=allowed, pinned=pinned)
+            selection = select(modules, backbone.plain, cfg.precision, rows=runner.decode_rows, pinned=pinned,
+                               allowed=exact_allowed if cfg.precision == "float32" else None)
         except KernelRefused as exc:
             report.fallbacks["t3.precision"] = f"{exc}; T3 stays float32"
-            selection = select(modules, backbone.plain, "float32", rows=runner.decode_rows, allowed=allowed)
+            selection = select(modules, backbone.plain, "float32", rows=runner.decode_rows, allowed=exact_allowed)
         table = runner.use_kernels(selection.decode, selection.prefill)
     except Exception as exc:  # an op missing from this torch build, a kernel refused, ...
         runner.backbone.kernels = None
@@ -315,9 +315,13 @@ def _install_s3gen_modes(model, cfg: AccelConfig, report: AccelReport, registry)
 
     modes = cfg.s3gen_modes
     names = ", ".join(modes.names())
-    conds = getattr(model, "conds", None)
-    if cfg.check and getattr(conds, "gen", None) is not None:
-        ref = probe_ref(model, modes)
+    voice = getattr(getattr(model, "conds", None), "gen", None) or getattr(model, "ref_dict", None)  # VC: ref_dict
+    if cfg.check and voice is None:
+        report.fallbacks["s3gen.modes"] = ("no reference voice on the model to probe the modes with (set one "
+                                           "first, or pass check=False); S3Gen runs exact")
+        return
+    if cfg.check:
+        ref = probe_ref(voice, modes)
         exact, t_exact = mel_probe(model, ref)
         trial = PatchRegistry()
         try:

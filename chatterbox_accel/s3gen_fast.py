@@ -211,10 +211,9 @@ class MelCheck:
                 f"{self.seconds_fast:.2f} s with the modes")
 
 
-def probe_ref(model, modes: S3GenModes) -> dict:
-    """The model's built-in reference, cut to what the probe needs: the cap plus 1 s (so the cap
-    shows), at most 3 s, to keep the exact pass short."""
-    ref = model.conds.gen
+def probe_ref(ref: dict, modes: S3GenModes) -> dict:
+    """The model's reference (its S3Gen ref dict), cut to what the probe needs: the cap plus 1 s
+    (so the cap shows), at most 3 s, to keep the exact pass short."""
     seconds = min(3.0, (modes.prompt_seconds or 2.0) + 1.0)
     return S3GenModes(prompt_seconds=seconds).cap(ref)
 

@@ -223,6 +223,13 @@ def test_a_precision_over_its_limits_is_refused_with_the_figures(tiny_t3, monkey
     assert report.restored and "inference" not in tiny_t3.__dict__
 
 
+def test_cpu_prepack_false_keeps_int8_candidates(tiny_t3, monkeypatch):
+    monkeypatch.setattr(kernels, "time_kernel", lambda name, *a: {"decode": 0.01 if name == "plain" else 0.001,
+                                                                  "prefill": 0.01})
+    report = accelerate(holder(tiny_t3), precision="int8", cpu_prepack=False)
+    assert report.kernels.precision == "int8" and "t3.precision" not in report.fallbacks, str(report)
+
+
 def test_cpu_kernel_must_match_the_precision():
     with pytest.raises(ValueError, match=r"cpu_kernel='onednn' is not valid with precision='int8'"):
         accelerate(holder(None), precision="int8", cpu_kernel="onednn")
