@@ -131,12 +131,13 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
                 report.fallbacks["s3gen.modes"] = f"{why}; they run only behind their probe (check=True)"
             else:
                 _install_s3gen_modes(model, cfg, report, registry)
-        stream_why = versions.chatterbox_reason("generate_stream")
-        if stream_why and stream_unsupported(model) is None:
-            report.fallbacks["generate_stream"] = f"{stream_why}; no probe verifies it, so it is not attached"
-        elif stream_unsupported(model) is None:
-            registry.set_attr(model, "generate_stream", functools.partial(generate_stream, model))
-            report.applied.append("generate_stream")
+        if stream_unsupported(model) is None:
+            why = versions.chatterbox_reason("generate_stream")
+            if why:
+                report.fallbacks["generate_stream"] = f"{why}; no probe verifies it, so it is not attached"
+            else:
+                registry.set_attr(model, "generate_stream", functools.partial(generate_stream, model))
+                report.applied.append("generate_stream")
     except BaseException:
         restore(model)
         raise

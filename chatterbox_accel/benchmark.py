@@ -107,15 +107,9 @@ def bench_t3(t3, *, tokens=40, repeats=3, warmup=1, options=None, variants=None)
     result = T3BenchResult(tokens=tokens, device=str(t3.device), family=family)
     t3_cond, _, _ = probe_inputs(t3, None, 1, 0.0 if turbo else 0.5)
     text = torch.randint(1, 700, (1 if turbo else 2, 42), generator=torch.Generator().manual_seed(0)).to(t3.device)
-    if turbo:  # no CFG; generate()'s sampling defaults; tokens = 1 + max_gen_len
-        kwargs = dict(text_tokens=text, max_gen_len=tokens - 1, temperature=0.8, top_k=1000, top_p=0.95,
-                      repetition_penalty=1.2)
-        method = "inference_turbo"
-    else:
+    if not turbo:
         text[:, 0], text[:, -1] = t3.hp.start_text_token, t3.hp.stop_text_token
-        kwargs = dict(text_tokens=text, max_new_tokens=tokens, temperature=0.8, cfg_weight=0.5,
-                      repetition_penalty=1.2, min_p=0.05, top_p=1.0)
-        method = "inference"
+    method, kwargs = decode_call(t3, text, tokens)
     paths = {"original": lambda: getattr(type(t3), method)(t3, t3_cond=_fresh(t3_cond), **kwargs)}
     for name, opts in variants.items():
         try:
@@ -138,6 +132,16 @@ def bench_t3(t3, *, tokens=40, repeats=3, warmup=1, options=None, variants=None)
                 result.seconds.setdefault(name, []).append(time.perf_counter() - start)
                 result.counts.setdefault(name, []).append(out.shape[-1])
     return result
+
+
+def decode_call(t3, text, tokens: int, temperature: float = 0.8) -> tuple[str, dict]:
+    """(T3 method, its keyword arguments but t3_cond) for a decode of `tokens` speech tokens of
+    `text` with generate()'s other sampling defaults. Turbo: no CFG, tokens = 1 + max_gen_len."""
+    if getattr(t3, "is_gpt", False):
+        return "inference_turbo", dict(text_tokens=text[:1], max_gen_len=tokens - 1, temperature=temperature,
+                                       top_k=1000, top_p=0.95, repetition_penalty=1.2)
+    return "inference", dict(text_tokens=text, max_new_tokens=tokens, temperature=temperature, cfg_weight=0.5,
+                             repetition_penalty=1.2, min_p=0.05, top_p=1.0)
 
 
 def _fresh(t3_cond):

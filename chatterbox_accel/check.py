@@ -151,15 +151,15 @@ def compare(fast: torch.Tensor, ref: torch.Tensor, tolerance: float, precision: 
     for float32 weights; argmax agreement and mean KL against PRECISION_LIMITS otherwise."""
     diff = (fast - ref).abs().max().item()
     scale = max(ref.abs().max().item(), 1e-12)
-    agree = (fast.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    same = fast.argmax(-1) == ref.argmax(-1)  # (steps,)
+    agree = same.float().mean().item()
     finite = bool(torch.isfinite(fast).all())
     rel = diff / scale if finite else float("inf")
     kl = kl_per_step(ref, fast) if finite else torch.full((ref.shape[0],), float("inf"))
     top2 = ref.topk(2, dim=-1).values
     decisive = (top2[:, 0] - top2[:, 1]) >= DECISIVE_MARGIN
-    agree_decisive = ((fast.argmax(-1) == ref.argmax(-1)) | ~decisive).float().sum().item() - (~decisive).sum().item()
     n_decisive = int(decisive.sum())
-    decisive_agreement = agree_decisive / n_decisive if n_decisive else 1.0
+    decisive_agreement = int((same & decisive).sum()) / n_decisive if n_decisive else 1.0
     limits = PRECISION_LIMITS.get(precision)
     if limits is None:
         passed = finite and rel <= tolerance

@@ -85,7 +85,7 @@ class AccelConfig:
         _choice("attention", self.attention, ATTENTION_BACKENDS)
         _choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _choice("dtype", self.dtype, DTYPES)
-        from .t3.kernels import KERNELS, PRECISIONS  # here, not at import: importing the package loads no torch
+        from .t3.kernels import PRECISIONS, candidates  # here, not at import: importing the package loads no torch
 
         _choice("precision", self.precision, PRECISIONS)
         _choice("s3gen_dtype", self.s3gen_dtype, ("float32", "bfloat16"))
@@ -105,7 +105,7 @@ class AccelConfig:
         ):
             raise ValueError(f"option s3gen_prompt_seconds={self.s3gen_prompt_seconds!r} must be a number "
                              f">= 1.0 (seconds of the reference) or None")
-        kernels = ["auto"] + [n for n, k in KERNELS.items() if k.precision == self.precision]
+        kernels = ["auto"] + candidates(self.precision)
         if self.cpu_kernel not in kernels:
             raise ValueError(f"option cpu_kernel={self.cpu_kernel!r} is not valid with precision="
                              f"{self.precision!r}; allowed values: {kernels}")
@@ -140,8 +140,7 @@ class AccelConfig:
                 f"unknown option(s) {unknown}; allowed options are: {sorted(known)}"
             )
         preset = merged.get("preset", "exact")
-        if preset not in PRESETS:
-            raise ValueError(f"option preset={preset!r} is not valid; allowed values: {list(PRESETS)}")
+        _choice("preset", preset, tuple(PRESETS))
         return cls(**{**PRESETS[preset], **merged})
 
     @property

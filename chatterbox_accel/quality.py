@@ -89,6 +89,7 @@ def captured_s3gen_tokens(model, into: list):
 def greedy_tokens(model) -> torch.Tensor:
     """GREEDY_TOKENS tokens of the installed fast T3 at temperature 1e-6 on the check's probe."""
     from .api import fast_inference_of
+    from .benchmark import decode_call
     from .check import probe_inputs
 
     fast = fast_inference_of(model)
@@ -96,24 +97,9 @@ def greedy_tokens(model) -> torch.Tensor:
     t3_cond, text, _ = probe_inputs(model.t3, getattr(getattr(model, "conds", None), "t3", None), 1,
                                     0.0 if turbo else 0.5)
     t3_cond = dataclasses.replace(t3_cond, cond_prompt_speech_emb=None)
-    if turbo:
-        kwargs = dict(text_tokens=text[:1], max_gen_len=GREEDY_TOKENS - 1, temperature=1e-6, top_k=1000,
-                      top_p=0.95, repetition_penalty=1.2)
-    else:
-        kwargs = dict(text_tokens=text, max_new_tokens=GREEDY_TOKENS, temperature=1e-6, cfg_weight=0.5,
-                      repetition_penalty=1.2, min_p=0.05, top_p=1.0)
+    _, kwargs = decode_call(model.t3, text, GREEDY_TOKENS, temperature=1e-6)
     torch.manual_seed(0)
     return fast.run({"t3_cond": t3_cond, **kwargs}).view(-1)
-
-
-def s3gen_mel(model, tokens: torch.Tensor) -> torch.Tensor:
-    """S3Gen's mel for `tokens` with the model's voice, noise seed 0, through whatever is installed."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        return model.s3gen.flow_inference(tokens, ref_dict=model.conds.gen, finalize=True).float()
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def measure(model, text: str, voice=None, *, modes: dict | None = None, repeats: int = 1, warmup: int = 1,
@@ -121,20 +107,26 @@ def measure(model, text: str, voice=None, *, modes: dict | None = None, repeats:
     """Each mode accelerated in turn on `model`; see the module docstring."""
     from .api import accelerate, restore
     from .e2e import run_once
-    from .s3gen_fast import compare_mels
+    from .s3gen_fast import compare_mels, mel_probe
 
-    modes = modes or MODES
-    results, exact_tokens, exact_mel, exact_greedy = [], None, None, None
-    if original:  # the original code, for scale: timed only
-        result = ModeResult("original", {})
+    def timed(result: ModeResult, original: bool, tokens: list | None = None) -> None:
+        """warmup + repeats generate() calls into `result`; `tokens` collects what S3Gen got."""
         for i in range(warmup + repeats):
             torch.manual_seed(i)
-            run = run_once(model, text, voice, original=True, **generate_kwargs)
+            with captured_s3gen_tokens(model, tokens) if tokens is not None else contextlib.nullcontext():
+                run = run_once(model, text, voice, original=original, **generate_kwargs)
             if i >= warmup:
                 result.seconds.append(run.total_s)
                 result.stages.append(run.stages)
                 result.audio_s = run.audio_s
-        results.append(result)
+            if progress is not None:
+                progress(f"{result.name}: {run.total_s:.1f} s for {run.audio_s:.2f} s of audio")
+
+    modes = modes or MODES
+    results, exact_tokens, exact_mel, exact_greedy = [], None, None, None
+    if original:  # the original code, for scale: timed only
+        results.append(ModeResult("original", {}))
+        timed(results[-1], original=True)
     for name, options in modes.items():
         report = accelerate(model, **options)
         result = ModeResult(name, options, list(report.applied), dict(report.fallbacks))
@@ -147,16 +139,7 @@ def measure(model, text: str, voice=None, *, modes: dict | None = None, repeats:
             if check is not None:
                 result.t3_kl, result.t3_argmax, result.t3_rel = check.kl_mean, check.argmax_agreement, check.rel_diff
             tokens = []
-            for i in range(warmup + repeats):
-                torch.manual_seed(i)
-                with captured_s3gen_tokens(model, tokens):
-                    run = run_once(model, text, voice, original=False, **generate_kwargs)
-                if i >= warmup:
-                    result.seconds.append(run.total_s)
-                    result.stages.append(run.stages)
-                    result.audio_s = run.audio_s
-                if progress is not None:
-                    progress(f"{name}: {run.total_s:.1f} s for {run.audio_s:.2f} s of audio")
+            timed(result, original=False, tokens=tokens)
             if has_fast_t3(model):
                 greedy = greedy_tokens(model)
                 if exact_greedy is None:
@@ -165,7 +148,7 @@ def measure(model, text: str, voice=None, *, modes: dict | None = None, repeats:
                 result.greedy_equal = (greedy[:n] == exact_greedy[:n]).float().mean().item() if n else 0.0
             if exact_tokens is None:
                 exact_tokens = tokens[-1]
-            mel = s3gen_mel(model, exact_tokens)
+            mel = mel_probe(model, model.conds.gen, exact_tokens)[0]
             if exact_mel is None:
                 exact_mel = mel
             result.mel_rel_l2, result.mel_cosine = compare_mels(mel, exact_mel)

@@ -218,12 +218,15 @@ def probe_ref(ref: dict, modes: S3GenModes) -> dict:
     return S3GenModes(prompt_seconds=seconds).cap(ref)
 
 
-def mel_probe(model, ref: dict) -> tuple[torch.Tensor, float]:
-    """Mel of PROBE_TOKENS fixed speech tokens through `s3gen.flow_inference` (seed 0)."""
+def mel_probe(model, ref: dict, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """(mel, seconds) of `tokens` (default: PROBE_TOKENS fixed speech tokens) through
+    `s3gen.flow_inference` and whatever is installed on it, noise seed 0, the global RNG left as it was."""
     import time
 
     device = model.s3gen.device
-    tokens = ((torch.arange(PROBE_TOKENS) * 797 + 11) % 6561)[None].to(device)
+    if tokens is None:
+        tokens = ((torch.arange(PROBE_TOKENS) * 797 + 11) % 6561)[None]
+    tokens = tokens.to(device)
     state = torch.random.get_rng_state()
     torch.manual_seed(0)
     try:

@@ -83,15 +83,20 @@ def _onednn(x, packed):
     return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, None, "none", [], "").float()
 
 
+def _channel_scales(w):
+    """Symmetric int8 scales, one per output channel (row): max |w| maps to 127."""
+    return (w.abs().amax(1) / 127).clamp_min(1e-12)  # (N,)
+
+
 def _int8_quantize(w):
     w = w.contiguous()
-    scale = (w.abs().amax(1) / 127).clamp_min(1e-12)  # (N,) per output channel
+    scale = _channel_scales(w)
     return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
 
 
 def _fbgemm_prepare(w, rows):
     w = w.float().contiguous()
-    scale = (w.abs().amax(1) / 127).clamp_min(1e-12).double()
+    scale = _channel_scales(w).double()
     qw = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
     return torch.ops.quantized.linear_prepack(qw, None), qw.dequantize()
 
@@ -296,38 +301,29 @@ def sample_modules(modules, budget: float = SAMPLE_BYTES) -> list:
 
 
 def time_kernel(name: str, modules, plain: Callable, rows: int, reps: int = 3) -> dict:
-    """{phase: best seconds per pass} of one kernel over `modules` at decode and prefill rows."""
+    """{phase: best seconds per pass} of one kernel over `modules` at decode and prefill rows,
+    through a KernelTable of its own: the same preparation, check and dispatch as decoding uses."""
     kernel = KERNELS[name]
-    if kernel.prepare is None:
-        fns = [(m, lambda x, m=m: plain(m, x)) for m in modules]
-    else:
-        fns = []
-        for m in modules:
-            w = weight_of(m).detach()
-            if not kernel.supports(w):
-                fns.append((m, lambda x, m=m: plain(m, x)))
-                continue
-            copy, stands_for = kernel.prepare(w, rows)
-            if not fns:
-                check_product(kernel, copy, stands_for)
-            fns.append((m, lambda x, c=copy: _flat(kernel.run)(x, c)))
+    table = KernelTable(modules, name, name, rows)
     g = torch.Generator().manual_seed(0)
     out = {}
     # The prefill is compute-bound: a quarter of the sample times it as well, 4x faster.
-    for phase, n, part in (("decode", rows, fns), ("prefill", PREFILL_ROWS, fns[: max(1, len(fns) // 4)])):
+    for phase, n, part in (("decode", rows, modules), ("prefill", PREFILL_ROWS, modules[: max(1, len(modules) // 4)])):
         if kernel.max_rows is not None and n > kernel.max_rows:
             out[phase] = float("inf")  # not used at this size
             continue
-        xs = {k: torch.randn(n, k, generator=g) for k in {weight_of(m).shape[1] for m in modules}}
+        xs = {k: torch.randn(n, k, generator=g) for k in {weight_of(m).shape[1] for m in part}}
         best = float("inf")
         with torch.inference_mode():
             for rep in range(reps + 1):  # the first pass warms up (oneDNN builds its primitives)
                 start = time.perf_counter()
-                for m, fn in part:
-                    fn(xs[weight_of(m).shape[1]])
+                for m in part:
+                    project(table, m, xs[weight_of(m).shape[1]], plain)
                 if rep:
                     best = min(best, time.perf_counter() - start)
         out[phase] = best
+    if table.disabled is not None:  # it failed while timed: what was timed was the plain kernel
+        raise RuntimeError(table.disabled)
     return out
 
 

@@ -65,10 +65,10 @@ class FastGPT2:
         return conv1d(module, x) if hasattr(module, "nf") else module(x)
 
     def conv1d(self, module, x):
-        return project(self.kernels, module, x, conv1d)
+        return project(self.kernels, module, x, self.plain)
 
     def linear(self, module, x):  # the speech head, an nn.Linear
-        return project(self.kernels, module, x, lambda m, v: m(v))
+        return project(self.kernels, module, x, self.plain)
 
     def linears(self) -> list:
         """The Conv1D modules a decode step multiplies by, block by block."""
