@@ -467,8 +467,26 @@ def _prepare_turbo(model, text, opts):
 def _prepare(model, text, audio_prompt_path, exaggeration, cfg_weight, language_id=None):
     """`ChatterboxTTS.generate` (or `ChatterboxMultilingualTTS.generate`) up to T3, as in
     chatterbox 0.1.7: voice, exaggeration, text tokens."""
+    text_tokens = text_tokens_for(model, text, cfg_weight, language_id)
+    if audio_prompt_path:
+        model.prepare_conditionals(audio_prompt_path, exaggeration=exaggeration)
+    model.conds.t3 = with_exaggeration(model, model.conds.t3, exaggeration)
+    return text_tokens
+
+
+def with_exaggeration(model, t3_cond, exaggeration):
+    """`t3_cond`, or a copy with `emotion_adv = exaggeration`, as the upstream generate() makes it."""
     from chatterbox.models.t3.modules.cond_enc import T3Cond
 
+    if exaggeration == t3_cond.emotion_adv[0, 0, 0]:
+        return t3_cond
+    return T3Cond(speaker_emb=t3_cond.speaker_emb, cond_prompt_speech_tokens=t3_cond.cond_prompt_speech_tokens,
+                  emotion_adv=exaggeration * torch.ones(1, 1, 1)).to(device=model.device)
+
+
+def text_tokens_for(model, text, cfg_weight, language_id=None):
+    """T3's text tokens as `ChatterboxTTS.generate` / `ChatterboxMultilingualTTS.generate`
+    (chatterbox 0.1.7) make them: punc_norm, tokenizer, CFG rows, start/stop text tokens."""
     if _is_multilingual(model):  # its own punc_norm, language tag, and always two CFG rows
         from chatterbox.mtl_tts import punc_norm
 
@@ -481,12 +499,5 @@ def _prepare(model, text, audio_prompt_path, exaggeration, cfg_weight, language_
         text_tokens = model.tokenizer.text_to_tokens(punc_norm(text))
         if cfg_weight > 0.0:
             text_tokens = torch.cat([text_tokens, text_tokens], dim=0)
-    if audio_prompt_path:
-        model.prepare_conditionals(audio_prompt_path, exaggeration=exaggeration)
-    if exaggeration != model.conds.t3.emotion_adv[0, 0, 0]:
-        cond = model.conds.t3
-        model.conds.t3 = T3Cond(speaker_emb=cond.speaker_emb,
-                                cond_prompt_speech_tokens=cond.cond_prompt_speech_tokens,
-                                emotion_adv=exaggeration * torch.ones(1, 1, 1)).to(device=model.device)
     text_tokens = F.pad(text_tokens.to(model.device), (1, 0), value=model.t3.hp.start_text_token)
     return F.pad(text_tokens, (0, 1), value=model.t3.hp.stop_text_token)

@@ -45,18 +45,22 @@ def rope_table(llama, max_len: int, device, dtype):
 
 
 def sdpa_attention(q, k_buf, v_buf, input_pos, kv_len: int):
-    """q (B, H, S, D); k_buf/v_buf (B, H, T_max, D); attends to slots <= each query's position."""
+    """q (B, H, S, D); k_buf/v_buf (B, H, T_max, D); attends to slots <= each query's position.
+    input_pos: (S,) shared by every row, or (B, S) per row (the batch engine's slots)."""
     keys, values = k_buf[:, :, :kv_len], v_buf[:, :, :kv_len]
     slots = torch.arange(kv_len, device=q.device)
-    mask = slots[None, :] <= input_pos[:, None]  # (S, kv_len), True = attend
+    mask = slots <= input_pos[..., None]  # (S, kv_len) or (B, S, kv_len), True = attend
+    if mask.dim() == 3:
+        mask = mask[:, None]  # (B, 1, S, kv_len): one mask per row, shared by its heads
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 def attention_map(q, keys, input_pos):
-    """Softmax attention probabilities (S, kv_len) of one head, as eager attention computes
-    them: scores scaled by 1/sqrt(D), masked past each query's position, float32 softmax."""
-    scores = torch.matmul(q, keys.t()) * q.shape[-1] ** -0.5
-    masked = torch.arange(keys.shape[0], device=q.device)[None, :] > input_pos[:, None]
+    """Softmax attention probabilities (..., S, kv_len) of one head, as eager attention computes
+    them: scores scaled by 1/sqrt(D), masked past each query's position, float32 softmax.
+    q (..., S, D), keys (..., kv_len, D), input_pos (..., S): one row, or a batch of rows."""
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    masked = torch.arange(keys.shape[-2], device=q.device) > input_pos[..., None]
     scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=-1, dtype=torch.float32)
 
@@ -72,7 +76,8 @@ def make_flash_attention() -> Callable | None:
         # flash-attn wants (B, S, H, D); our cache is (B, H, T, D), so pass transposed views.
         # The new k/v are already in the cache; cache_seqlens = last position + 1 (device tensor).
         B = q.shape[0]
-        seqlens = (input_pos[-1] + 1).to(torch.int32).expand(B).contiguous()
+        last = input_pos[..., -1] + 1  # one length for all rows, or (B,) per row
+        seqlens = last.to(torch.int32).expand(B).contiguous()
         out = flash_attn_with_kvcache(
             q.transpose(1, 2),
             k_buf[:, :, :kv_len].transpose(1, 2),
@@ -99,6 +104,7 @@ class FastLlama:
         self.cos = self.sin = None
         self.spies: dict[int, int] = {}  # layer -> head whose attention map forward() keeps
         self.spied: dict[int, torch.Tensor] = {}  # layer -> (S, kv_len) probabilities, batch row 0
+        self.spy_rows = False  # True: keep every row's map, (B, S, kv_len) (the batch engine)
         self.kernels = None  # KernelTable (CPU), set by the runner after measuring
 
     plain = staticmethod(linear)  # the original's kernel for any product of this backbone
@@ -136,9 +142,12 @@ class FastLlama:
         )
 
     def forward(self, x, input_pos, cache: StaticKVCache, kv_len: int):
-        """x (B, S, C) embeddings at positions input_pos (S,) -> hidden (B, S, C)."""
-        cos = self.cos[input_pos][None, None]  # (1, 1, S, D)
-        sin = self.sin[input_pos][None, None]
+        """x (B, S, C) embeddings at positions input_pos -> hidden (B, S, C). input_pos is (S,),
+        shared by every row, or (B, 1): one decode position per row (the batch engine's slots)."""
+        if input_pos.dim() == 1:
+            cos, sin = self.cos[input_pos][None, None], self.sin[input_pos][None, None]  # (1, 1, S, D)
+        else:
+            cos, sin = self.cos[input_pos][:, None], self.sin[input_pos][:, None]  # (B, 1, S, D)
         for i, layer in enumerate(self.layers):
             x = x + self._attention(i, layer, layer.input_layernorm(x), input_pos, cos, sin, cache, kv_len)
             x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
@@ -158,7 +167,11 @@ class FastLlama:
             k_buf, v_buf = k_buf.repeat_interleave(rep, 1), v_buf.repeat_interleave(rep, 1)
         out = self.attention(q, k_buf, v_buf, input_pos, kv_len)  # (B, H, S, D)
         if i in self.spies:
-            self.spied[i] = attention_map(q[0, self.spies[i]], k_buf[0, self.spies[i], :kv_len], input_pos)
+            head = self.spies[i]
+            if self.spy_rows:
+                self.spied[i] = attention_map(q[:, head], k_buf[:, head, :kv_len], input_pos)
+            else:
+                self.spied[i] = attention_map(q[0, head], k_buf[0, head, :kv_len], input_pos)
         return self.linear(attn.o_proj, out.transpose(1, 2).reshape(B, S, -1))
 
     def _mlp(self, mlp, h):
