@@ -11,7 +11,8 @@ from .config import AccelConfig
 __version__ = "0.1.0"
 __all__ = ["accelerate", "restore", "is_accelerated", "AccelConfig", "AccelReport",
            "OutputCheckError", "OptimizedChatterboxTTS", "OptimizedChatterboxMultilingualTTS",
-           "OptimizedChatterboxTurboTTS", "save_voice", "load_voice", "generate_stream", "StreamMetrics"]
+           "OptimizedChatterboxTurboTTS", "save_voice", "load_voice", "generate_stream", "StreamMetrics",
+           "generate_batch"]
 
 
 def __getattr__(name):
@@ -22,6 +23,9 @@ def __getattr__(name):
     if name in ("save_voice", "load_voice"):
         from . import voice
         return getattr(voice, name)
+    if name == "generate_batch":
+        from . import engine
+        return engine.generate_batch
     if name in ("generate_stream", "StreamMetrics"):
         from . import stream
         return getattr(stream, name)

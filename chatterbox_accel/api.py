@@ -17,6 +17,7 @@ import torch
 from .check import CheckResult, probe_inputs, run_output_check
 from . import versions
 from .config import AccelConfig
+from .engine import BATCH_FAMILIES, generate_batch
 from .families import family_of, t3_fallback_reason, voice_method_of
 from .patching import drop_registry, get_registry
 from .stream import generate_stream, stream_unsupported
@@ -131,6 +132,13 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
                 report.fallbacks["s3gen.modes"] = f"{why}; they run only behind their probe (check=True)"
             else:
                 _install_s3gen_modes(model, cfg, report, registry)
+        if family_of(model) in BATCH_FAMILIES:
+            why = versions.chatterbox_reason("generate_batch")
+            if why:
+                report.fallbacks["generate_batch"] = f"{why}; no probe verifies it, so it is not attached"
+            else:
+                registry.set_attr(model, "generate_batch", functools.partial(generate_batch, model))
+                report.applied.append("generate_batch")
         if stream_unsupported(model) is None:
             why = versions.chatterbox_reason("generate_stream")
             if why:

@@ -296,13 +296,14 @@ def _voices(model, family, rows):
 
 def _runner(model):
     """The accelerated model's T3 runner, or a private one (the model is not patched)."""
-    from .api import fast_inference_of, runner_of
+    from .patching import get_registry
     from .t3.decode import T3Runner
     from .t3.model import sdpa_attention
 
-    fast = fast_inference_of(model)
+    state = getattr(get_registry(model), "state", {})
+    fast = state.get("t3_inference")
     if fast is not None and fast.disabled is None:
-        return runner_of(model)
+        return state["t3_runner"]
     runner = _private_runners.get(model.t3)
     if runner is None:
         runner = _private_runners[model.t3] = T3Runner(model.t3, attention=sdpa_attention)

@@ -144,18 +144,13 @@ class SlotDecoder:
         slots: list[_Slot | None] = [None] * S
         queue = deque(requests)
         multilingual = bool(runner.heads)
-        llama.spy_rows = multilingual
 
         def admit(s: int, request: T3Request):
             if request.embeds.shape[0] != 2:
                 raise ValueError("a T3Request's embeds must be the CFG pair (2, P, C)")
             P = request.prompt_len
-            view = cache.rows(2 * s, 2 * s + 2)
-            llama.spy_rows = False  # the prefill's maps: the slot's conditional row, (P, P)
-            try:
-                logits = runner.prefill(request.embeds, view)  # (2, V)
-            finally:
-                llama.spy_rows = multilingual
+            # The prefill's maps are the slot's conditional row, (P, P), as the single loop's.
+            logits = runner.prefill(request.embeds, cache.rows(2 * s, 2 * s + 2))  # (2, V)
             slot = slots[s] = _Slot(request)
             if multilingual:
                 end = P - 2  # the prompt is conditioning + text + BOS + BOS (see T3Runner.analyzer_feed)
@@ -222,7 +217,11 @@ class SlotDecoder:
         emb = t3.speech_emb(token) + t3.speech_pos_emb.emb(speech_pos)  # (S, C)
         x = emb.repeat_interleave(2, dim=0)[:, None].to(llama.dtype)  # (2S, 1, C): both CFG rows
         input_pos = pos.repeat_interleave(2)[:, None]  # (2S, 1)
-        hidden = llama.forward(x, input_pos, cache, kv_len)
+        llama.spy_rows = True  # spied maps (multilingual): every row's, (2S, 1, kv_len)
+        try:
+            hidden = llama.forward(x, input_pos, cache, kv_len)
+        finally:
+            llama.spy_rows = False
         return llama.linear(runner.speech_head, hidden[:, -1])
 
     def _analyze(self, combined, slots, active):

@@ -1,0 +1,189 @@
+"""The slot decoder (t3/batch.py) on tiny backbones: per-row parity, seeds, join/leave, cache.
+
+Each test names what it guards. Tokens are compared, not lengths (the tiny T3 here has no
+stop position: rows end at their own max_new_tokens or at a sampled EOS).
+"""
+import pytest
+import torch
+
+from chatterbox_accel.check import probe_inputs
+from chatterbox_accel.checkpoints import tiny_t3
+from chatterbox_accel.t3.batch import SlotDecoder, T3Request, cfg_combine_pairs
+from chatterbox_accel.t3.decode import T3Runner
+from chatterbox_accel.t3.model import sdpa_attention
+from chatterbox_accel.t3.sampling import SamplingParams
+
+from conftest import original_forced_logits
+
+OPTS = dict(cfg_weight=0.5, temperature=0.8, repetition_penalty=1.2, min_p=0.05, top_p=1.0)
+
+
+@pytest.fixture(scope="module")
+def t3():
+    return tiny_t3(seed=0, layers=2)
+
+
+@pytest.fixture(scope="module")
+def runner(t3):
+    return T3Runner(t3, attention=sdpa_attention)
+
+
+def text_of(t3, n):
+    cond, text, _ = probe_inputs(t3, None, 4, 0.5)
+    text = text[:, :n].clone()
+    text[:, -1] = t3.hp.stop_text_token
+    return cond, text
+
+
+def request(runner, n_text, seed, max_new, **options):
+    cond, text = text_of(runner.t3, n_text)
+    opts = {**OPTS, **options}
+    with torch.inference_mode():
+        embeds = runner.build_prompt(cond, text, opts["cfg_weight"] or 1.0)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    return T3Request(embeds, opts, max_new, gen, text_len=text.shape[-1], key=(n_text, seed, max_new))
+
+
+def reseeded(r):
+    return T3Request(r.embeds, r.options, r.max_new_tokens, torch.Generator().manual_seed(r.key[1]),
+                     text_len=r.text_len, key=r.key)
+
+
+def mixed(runner):
+    return [request(runner, 8, 1, 20), request(runner, 12, 2, 33, top_p=0.9),
+            request(runner, 5, 3, 7, cfg_weight=0.0), request(runner, 10, 4, 25, temperature=1.2),
+            request(runner, 9, 5, 12, repetition_penalty=2.0, min_p=0.2)]
+
+
+def test_each_row_decodes_as_it_would_alone(runner):
+    """Guards per-row state: positions, masks, options, presence and noise must be the row's own.
+    Five requests of different prompt lengths, options and seeds through 2 slots (so three join
+    mid-decode) give each request's tokens exactly as a batch of one with the same seed."""
+    reqs = mixed(runner)
+    decoder = SlotDecoder(runner, 2)
+    batched = {r.key: t for r, t in decoder.run(reqs)}
+    alone = {r.key: t for r in reqs for _, t in SlotDecoder(runner, 1).run([reseeded(r)])}
+    for key, tokens in alone.items():
+        assert torch.equal(batched[key], tokens), key
+    assert [t.numel() for t in alone.values()] == [20, 33, 7, 25, 12]  # these rows sample no EOS
+    # Slots were shared: fewer steps than decoding the requests one after another.
+    assert decoder.steps < sum(t.numel() - 1 for t in alone.values())
+
+
+def test_rows_leave_in_the_order_they_finish_and_free_slots_fill(runner):
+    """Guards join/leave: the shortest request returns first, and the queued one is admitted
+    into the freed slot while the longer row keeps decoding (no waiting for the whole batch)."""
+    reqs = [request(runner, 8, 1, 30), request(runner, 8, 2, 5), request(runner, 8, 3, 6)]
+    finished = [r.key[2] for r, _ in SlotDecoder(runner, 2).run(reqs)]
+    assert finished == [5, 6, 30]
+
+
+def test_seeds_drive_the_tokens(runner):
+    """Guards that the private generator is used: another seed gives other tokens, the same
+    seed the same ones."""
+    a = [t for _, t in SlotDecoder(runner, 1).run([request(runner, 8, 1, 20)])][0]
+    b = [t for _, t in SlotDecoder(runner, 1).run([request(runner, 8, 1, 20)])][0]
+    c = [t for _, t in SlotDecoder(runner, 1).run([request(runner, 8, 99, 20)])][0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_unseeded_batch_of_one_equals_the_single_runner(runner):
+    """Guards the numerics against today's single path: without a seed the race draws from the
+    global RNG exactly as T3Runner does, so the same global seed gives the same tokens."""
+    r = request(runner, 8, None, 20)
+    torch.manual_seed(7)
+    with torch.inference_mode():
+        single = runner.generate(r.embeds, SamplingParams.make("cpu", **OPTS), 20)[0]
+    torch.manual_seed(7)
+    batched = [t for _, t in SlotDecoder(runner, 3).run([r])][0]
+    assert torch.equal(single, batched)
+
+
+def test_teacher_forced_rows_match_the_original_loop(t3, runner, monkeypatch):
+    """Guards the per-row forward (RoPE rows, per-row cache writes, masks over a shared kv_len):
+    each row of a batch with different prompt lengths, teacher-forced, gives the CFG logits of
+    upstream's T3.inference loop within 1e-4 of max |logit| (fp32)."""
+    forced = (torch.arange(12) * 797 + 11) % 6561
+    lengths = (8, 14, 5)
+    reqs = [request(runner, n, 0, 12) for n in lengths]
+    batched = SlotDecoder(runner, 3).teacher_forced_logits(reqs, [forced, forced[:6], forced[:9]])
+    for n, got, f in zip(lengths, batched, [forced, forced[:6], forced[:9]]):
+        cond, text = text_of(t3, n)
+        want = original_forced_logits(t3, cond, text, f, 0.5, monkeypatch)
+        got = got[: f.numel()]
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max(), n
+
+
+def test_cfg_zero_row_is_the_conditional_row(runner):
+    """Guards the cfg_weight 0 row, which keeps its pair: its logits are the single runner's
+    conditional-only (batch 1) logits."""
+    forced = (torch.arange(6) * 797 + 11) % 6561
+    r = request(runner, 8, 0, 6, cfg_weight=0.0)
+    got = SlotDecoder(runner, 2).teacher_forced_logits([request(runner, 11, 0, 6), r], [forced, forced])[1]
+    cond, text = text_of(runner.t3, 8)
+    with torch.inference_mode():
+        embeds = runner.build_prompt(cond, text[:1], 0.0)
+        want = runner.teacher_forced_logits(embeds, forced, 0.0)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_cache_is_allocated_once_and_regrown_only_when_needed(runner):
+    """Guards the slot cache's life: reused while it fits, replaced when it does not."""
+    SlotDecoder(runner, 2).run  # noqa: B018 (constructing allocates nothing)
+    list(SlotDecoder(runner, 2).run([request(runner, 8, 1, 10), request(runner, 8, 2, 10)]))
+    first = runner.batch_cache
+    list(SlotDecoder(runner, 2).run([request(runner, 8, 3, 12), request(runner, 9, 4, 8)]))
+    assert runner.batch_cache is first
+    list(SlotDecoder(runner, 2).run([request(runner, 8, 3, 400), request(runner, 9, 4, 2)]))
+    assert runner.batch_cache is not first and runner.batch_cache.max_len >= 400
+
+
+def test_cfg_pairs_combine_per_row():
+    logits = torch.tensor([[2.0, 0.0], [1.0, 1.0], [5.0, 5.0], [0.0, 10.0]])
+    out = cfg_combine_pairs(logits, torch.tensor([[0.5], [0.0]]))
+    assert torch.equal(out, torch.tensor([[2.5, -0.5], [5.0, 5.0]]))
+
+
+def test_bad_requests_are_refused(runner):
+    with pytest.raises(ValueError, match="temperature"):
+        request(runner, 8, 1, 5, temperature=0.0)
+    with pytest.raises(ValueError, match="max_batch"):
+        SlotDecoder(runner, 0)
+
+
+@pytest.fixture(scope="module")
+def mtl_runner():
+    t3 = tiny_t3(seed=0, layers=14, multilingual=True, intermediate_size=256)
+    return T3Runner(t3, attention=sdpa_attention)
+
+
+def test_multilingual_rows_run_their_own_analyzer(mtl_runner, monkeypatch):
+    """Guards the per-row alignment analyzer (its maps are the row's own, read once per step for
+    the batch): rows with different texts give the tokens and the alignment matrices they give
+    alone, and a batch of one without a seed gives the single runner's tokens (which runs
+    upstream's analyzer)."""
+    import chatterbox_accel.t3.batch as batch
+
+    made = []
+
+    def recording(t3, text_slice):
+        made.append(batch_new_analyzer(t3, text_slice))
+        return made[-1]
+
+    batch_new_analyzer = batch.new_analyzer
+    monkeypatch.setattr(batch, "new_analyzer", recording)
+    reqs = [request(mtl_runner, 8, 1, 15), request(mtl_runner, 12, 2, 20), request(mtl_runner, 6, 3, 10)]
+    batched = {r.key: t for r, t in SlotDecoder(mtl_runner, 2).run(reqs)}
+    in_batch = list(made)  # admission order is request order
+    for r, analyzer in zip(reqs, in_batch):
+        alone = [t for _, t in SlotDecoder(mtl_runner, 1).run([reseeded(r)])][0]
+        assert torch.equal(batched[r.key], alone), r.key
+        assert analyzer.alignment.shape == made[-1].alignment.shape
+        assert torch.allclose(analyzer.alignment, made[-1].alignment, atol=1e-5), r.key
+    r = request(mtl_runner, 12, None, 20)
+    torch.manual_seed(3)
+    with torch.inference_mode():
+        single = mtl_runner.generate(r.embeds, SamplingParams.make("cpu", **OPTS), 20, text_len=r.text_len)[0]
+    torch.manual_seed(3)
+    assert torch.equal([t for _, t in SlotDecoder(mtl_runner, 2).run([r])][0], single)
