@@ -51,6 +51,7 @@ class AccelReport:
     versions: dict = field(default_factory=dict)  # untested package versions installed ({name: version})
     kernels: object = None  # kernels.Selection: what was measured and chosen for T3's products (CPU)
     s3gen_check: object = None  # s3gen_fast.MelCheck: the S3Gen fast modes' probe against the exact path
+    runtime: list = field(default_factory=list)  # run-time fallbacks since accelerate(), as they happen
 
     @property
     def ok(self) -> bool:
@@ -70,6 +71,7 @@ class AccelReport:
             lines.append(f"  {self.check}")
         if self.s3gen_check is not None:
             lines.append(f"  {self.s3gen_check}")
+        lines += [f"  run time  {event}" for event in self.runtime]
         if self.restored:
             lines.append("  model restored to the original code (output check failed)")
         return "\n".join(lines)
@@ -117,7 +119,7 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
             if cfg.check:
                 report.check = run_output_check(
                     t3, runner, _builtin_t3_conds(model), steps=cfg.check_steps,
-                    tolerance=cfg.resolved_tolerance(), precision=_installed_precision(runner))
+                    tolerance=_check_tolerance(cfg, runner), precision=_installed_precision(runner))
         if cfg.compiles_s3gen(str(_model_device(model).type)):
             from .s3gen import compile_estimator
 
@@ -150,6 +152,10 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
         restore(model)
         raise
     report.seconds = time.perf_counter() - start
+    runner = registry.state.get("t3_runner")
+    if runner is not None and hasattr(runner, "events"):
+        report.runtime = runner.events  # the runner's own list: later fallbacks show up here
+    registry.state["report"] = report
     if report.check is not None and not report.check.passed:
         restore(model)
         report.restored = True
@@ -175,6 +181,12 @@ def fast_inference_of(model) -> FastInference | None:
     """The fast `T3.inference` wrapper installed on `model`, if any."""
     registry = get_registry(model)
     return None if registry is None else registry.state.get("t3_inference")
+
+
+def report_of(model) -> AccelReport | None:
+    """The report of the model's accelerate(), its run-time fallbacks up to date."""
+    registry = get_registry(model)
+    return None if registry is None else registry.state.get("report")
 
 
 def runner_of(model) -> T3Runner | None:
@@ -213,15 +225,28 @@ def _validate_model(model, cfg: AccelConfig):
     return t3
 
 
-def _compute_dtype(cfg: AccelConfig, device_type: str) -> str:
+def _compute_dtype(cfg: AccelConfig, device_type: str, weight_dtype=torch.float32) -> str:
     """T3's compute dtype: `dtype`, or bfloat16 when precision="bfloat16" asks for it on a GPU
-    (on a CPU that precision is a weight format of the kernel table instead)."""
-    return "bfloat16" if cfg.precision == "bfloat16" and device_type != "cpu" else cfg.dtype
+    (on a CPU that precision is a weight format of the kernel table instead). A T3 loaded in
+    bf16/fp16 computes in its own dtype unless `dtype` names another: no float32 copy of it."""
+    if cfg.precision == "bfloat16" and device_type != "cpu":
+        return "bfloat16"
+    if cfg.dtype == "float32" and weight_dtype != torch.float32 and cfg.precision == "float32":
+        return {torch.bfloat16: "bfloat16", torch.float16: "float16"}[weight_dtype]
+    return cfg.dtype
+
+
+def _check_tolerance(cfg: AccelConfig, runner) -> float:
+    """The output check's tolerance: the option, else float32's for a float32 run and the
+    reduced one for a run in the T3's own bf16/fp16 (which the original also runs in)."""
+    if cfg.check_tolerance is not None or runner.llama.dtype == torch.float32:
+        return cfg.resolved_tolerance()
+    return 5e-2
 
 
 def _build_runner(t3, cfg: AccelConfig, report: AccelReport) -> T3Runner:
     device_type = t3.device.type
-    name = _compute_dtype(cfg, device_type)
+    name = _compute_dtype(cfg, device_type, t3.speech_head.weight.dtype)
     dtype = DTYPE_BY_NAME[name]
     if dtype != torch.float32:
         report.applied.append(f"t3.{name}")
@@ -354,12 +379,20 @@ def _installed_precision(runner) -> str:
     return table.decode.precision if table is not None and table.kernel is not None else "float32"
 
 
+GENERATE_MAX_NEW_TOKENS = 1000  # what generate() asks T3 for (English, Multilingual)
+WARMUP_PROMPT_MARGIN = 256      # prompt positions a real call may have beyond the probe's
+
+
 def _warmup(runner: T3Runner, t3, steps: int = 4):
-    """A few real decode steps through `runner.step` (compiles / captures, or raises)."""
+    """A few real decode steps through `runner.step` (compiles / captures, or raises), on the
+    cache a real generate() call uses: allocated now for its 1000 new tokens after a prompt
+    up to WARMUP_PROMPT_MARGIN longer than the probe's, so the first real call neither
+    regrows the cache nor recompiles / recaptures for a new shape."""
     t3_cond, text, _ = probe_inputs(t3, None, 1)
     params = SamplingParams.make(t3.device, cfg_weight=0.5, temperature=0.8,
                                  repetition_penalty=1.2, min_p=0.05, top_p=1.0)
     embeds = runner.build_prompt(t3_cond, text, 0.5)
+    runner.get_cache(embeds.shape[0], embeds.shape[1] + GENERATE_MAX_NEW_TOKENS + WARMUP_PROMPT_MARGIN)
     runner.generate(embeds, params, steps, text_len=text.shape[-1])
 
 

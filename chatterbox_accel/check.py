@@ -135,7 +135,10 @@ def run_output_check(t3, runner, conds_t3, *, steps: int, tolerance: float, cfg_
     embeds = runner.build_prompt(t3_cond, text, cfg_weight)
     ref = reference_logits(t3, embeds, forced, cfg_weight).float()
     maps = {}
-    fast = runner.teacher_forced_logits(embeds, forced, cfg_weight, maps).float()
+    if runner.heads:  # multilingual: the step is always eager, and the maps come with its logits
+        fast = runner.teacher_forced_logits(embeds, forced, cfg_weight, maps).float()
+    else:  # through the installed step, the code generate() runs
+        fast = runner.step_forced_logits(embeds, forced, cfg_weight).float()
     result = compare(fast, ref, tolerance, precision)
     if runner.heads:  # multilingual: the analyzer's attention maps must match eager attention too
         ref_maps = reference_attention_maps(t3, embeds, forced, runner.heads)

@@ -23,6 +23,7 @@ raises `ValueError` naming it. `model.conds` is left as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
@@ -228,11 +229,8 @@ def _generate_alone(model, row: _Row, metrics: BatchMetrics) -> list[Result]:
             seen["s3gen"] = time.perf_counter() - t
 
     opts = {k: v for k, v in row.options.items() if k != "max_new_tokens"}
-    s3gen.__dict__["inference"] = recording
-    try:
+    with _shadowed(s3gen, "inference", recording):
         wav = model.generate(row.text, audio_prompt_path=row.path, **opts)
-    finally:
-        del s3gen.__dict__["inference"]
     tokens = torch.atleast_1d(seen["tokens"].detach().view(-1).cpu())
     metrics.s3gen_seconds = seen.get("s3gen", 0.0)
     metrics.t3_tokens = tokens.numel()
@@ -261,6 +259,22 @@ def _run(model, family, rows, max_batch, metrics, progress) -> list[Result]:
             return _synthesize(model, rows, max_batch, metrics, bar)
     finally:
         model.conds = saved_conds
+
+
+@contextlib.contextmanager
+def _shadowed(obj, attr, value):
+    """`obj.attr` is `value` for the block (an instance attribute; whatever the instance held
+    there before, an accelerate() patch included, is put back)."""
+    missing = object()
+    previous = obj.__dict__.get(attr, missing)
+    obj.__dict__[attr] = value
+    try:
+        yield
+    finally:
+        if previous is missing:
+            obj.__dict__.pop(attr, None)
+        else:
+            obj.__dict__[attr] = previous
 
 
 def _bar_off(progress):
@@ -296,14 +310,13 @@ def _voices(model, family, rows):
 
 def _runner(model):
     """The accelerated model's T3 runner, or a private one (the model is not patched)."""
-    from .patching import get_registry
+    from .patching import state_of
     from .t3.decode import T3Runner
     from .t3.model import sdpa_attention
 
-    state = getattr(get_registry(model), "state", {})
-    fast = state.get("t3_inference")
+    fast = state_of(model, "t3_inference")
     if fast is not None and fast.disabled is None:
-        return state["t3_runner"]
+        return state_of(model, "t3_runner")
     runner = _private_runners.get(model.t3)
     if runner is None:
         runner = _private_runners[model.t3] = T3Runner(model.t3, attention=sdpa_attention)
@@ -354,16 +367,14 @@ def _turbo_tokens(model, rows, bar):
 
         opts = {k: v for k, v in row.options.items() if k != "max_new_tokens"}
         model.conds = row.conds
-        s3gen.__dict__["inference"] = capture
         try:
-            with torch.random.fork_rng(devices=[model.device] if str(model.device).startswith("cuda") else []):
+            with _shadowed(s3gen, "inference", capture), \
+                    torch.random.fork_rng(devices=[model.device] if str(model.device).startswith("cuda") else []):
                 if row.seed is not None:
                     torch.manual_seed(row.seed)
                 model.generate(row.text, **opts)
         except _Captured:
             pass
-        finally:
-            del s3gen.__dict__["inference"]
         row.tokens = captured["tokens"].view(-1)
         row.extras["t3_tokens"] = row.tokens.numel()
         bar.update()

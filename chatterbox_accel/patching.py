@@ -94,3 +94,11 @@ def drop_registry(model) -> None:
 
 def is_patched(method) -> bool:
     return isinstance(method, wrapt.FunctionWrapper)
+
+
+def state_of(model, key: str, default=None):
+    """What `accelerate()` keeps for `model` under `key` (e.g. "t3_inference", "t3_runner",
+    "report"); `default` when the model is not accelerated. Lower layers (stream, engine) read
+    the installed fast path through this, never by importing api."""
+    registry = get_registry(model)
+    return default if registry is None else registry.state.get(key, default)

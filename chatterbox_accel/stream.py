@@ -369,9 +369,9 @@ def _stream(model, text, options, *, max_new_tokens, chunk_size, first_chunk_siz
 
 def _token_source(model, text, options, max_new_tokens, first_block, block):
     """(blocks of (ids, final), a callable giving the most tokens there can be)."""
-    from .api import fast_inference_of
+    from .patching import state_of
 
-    fast = fast_inference_of(model) if _is_english(model) or _is_multilingual(model) or _is_turbo(model) else None
+    fast = state_of(model, "t3_inference") if _is_english(model) or _is_multilingual(model) or _is_turbo(model) else None
     if fast is not None and fast.disabled is None:
         if _is_multilingual(model):
             max_new_tokens = MULTILINGUAL_MAX_NEW_TOKENS

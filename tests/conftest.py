@@ -1,4 +1,5 @@
 """Shared fixtures: random-weight checkpoints and models, and the original-path references."""
+import contextlib
 import dataclasses
 import os
 import types
@@ -106,3 +107,41 @@ def original_forced_logits(t3, t3_cond, text, forced, cfg_weight=0.5, monkeypatc
     # The original runs one forward per sampled token, plus a last one whose logits it ignores.
     logits = torch.stack([r[0] + cfg_weight * (r[0] - r[1]) for r in records])
     return logits[: forced.numel()]
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def s3gen_tokens(model):
+    """Record the speech tokens `model.s3gen.inference` is given (1-D copies), whatever wraps it."""
+    seen, s3gen = [], model.s3gen
+    inner, previous = s3gen.inference, s3gen.__dict__.get("inference", _MISSING)
+
+    def recording(*args, **kwargs):
+        tokens = kwargs.get("speech_tokens", args[0] if args else None)
+        seen.append(tokens.detach().reshape(-1).clone())
+        return inner(*args, **kwargs)
+
+    s3gen.__dict__["inference"] = recording
+    try:
+        yield seen
+    finally:
+        if previous is _MISSING:
+            s3gen.__dict__.pop("inference", None)
+        else:
+            s3gen.__dict__["inference"] = previous
+
+
+def streamed_tokens(monkeypatch):
+    """The speech tokens every S3GenStreamer is pushed, in order (a list filled as they come)."""
+    from chatterbox_accel.stream import S3GenStreamer
+
+    seen, push = [], S3GenStreamer.push
+
+    def recording(self, ids, final):
+        seen.append(ids.detach().reshape(-1).clone())
+        return push(self, ids, final)
+
+    monkeypatch.setattr(S3GenStreamer, "push", recording)
+    return seen

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -249,12 +248,11 @@ def test_bad_arguments_exit_2_with_the_fix_in_the_message(tmp_path, args, match)
 
 @pytest.mark.parametrize("command", [["say", "Hello.", "-o", "out.wav"], ["check"]])
 def test_unreachable_hub_exits_3_with_the_checkpoint_hint(tmp_path, command):
-    start = time.perf_counter()
+    # No retry loop against the hub: cli()'s 120 s timeout fails the test if it hangs.
     proc = cli(tmp_path, *command, env={"HF_HOME": str(tmp_path / "empty-hf-home")}, timeout=120)
     assert proc.returncode == 3, failed(proc)
     assert "--checkpoint DIR" in proc.stderr and "make-checkpoint DIR" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out.wav").exists()
-    assert time.perf_counter() - start < 60
 
 
 def test_chart_without_matplotlib_is_a_clear_error_before_any_work(tmp_path):
@@ -322,3 +320,14 @@ def test_original_runs_lift_every_patch_and_put_it_back(tiny_t3):
         assert count == 1 and "inference" not in tiny_t3.__dict__  # the class's own T3.inference runs
     assert tiny_t3.__dict__["inference"] is patched
     restore(model)
+
+
+def test_rtf_is_the_ratio_of_the_medians_shown_beside_it():
+    """The RTF column is total / audio of the medians printed beside it; a median of per-run
+    ratios (10, 6, 60 -> 10 here) once contradicted the totals it sat next to."""
+    from chatterbox_accel.e2e import E2EResult, Run
+
+    runs = [Run({}, 10.0, 1.0, 10, 0.0), Run({}, 12.0, 2.0, 10, 0.0), Run({}, 30.0, 0.5, 10, 0.0)]
+    result = E2EResult(label="x", text="Hi.", original=runs, accelerated=runs)
+    m = result.medians("original")
+    assert (m["total_s"], m["audio_s"]) == (12.0, 1.0) and m["rtf"] == 12.0

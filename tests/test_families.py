@@ -22,10 +22,11 @@ from chatterbox_accel.checkpoints import (
     MULTILINGUAL_FILES, TURBO_FILES, TURBO_TEXT_VOCAB, VC_FILES, synthetic_voice,
     write_tokenizer,
 )
+from chatterbox_accel.engine import generate_batch
 from chatterbox_accel.families import pkuseg_unavailable
 from chatterbox_accel.patching import get_registry
 from chatterbox_accel.voice import PROFILE_FORMAT, model_fingerprint
-from conftest import TURBO_PROMPT_TOKENS
+from conftest import TURBO_PROMPT_TOKENS, s3gen_tokens, streamed_tokens
 
 
 # ---- checkpoints and audio ---------------------------------------------------------------------
@@ -155,7 +156,7 @@ class TestMultilingual:
             load_voice(english, profile)
 
 
-    def test_generate_stream_serves_generate_tokens_and_checks_its_options(self, mtl):
+    def test_generate_stream_serves_generate_tokens_and_checks_its_options(self, mtl, monkeypatch):
         accelerate(mtl)
         with pytest.raises(TypeError, match="needs \\['language_id'\\]"):
             mtl.generate_stream("Hi.")
@@ -163,10 +164,29 @@ class TestMultilingual:
             mtl.generate_stream("Hi.", language_id="xx")
         with pytest.raises(TypeError, match="unknown option.*top_k"):
             mtl.generate_stream("Hi.", language_id="en", top_k=5)  # a Turbo option
+        pushed = streamed_tokens(monkeypatch)
         chunks = list(stream(mtl, text="Hi.", language_id="en", chunk_size=2, first_chunk_size=4))
-        reference = generate(mtl, text="Hi.", language_id="en")
+        with s3gen_tokens(mtl) as generated:
+            reference = generate(mtl, text="Hi.", language_id="en")
+        assert torch.equal(torch.cat(pushed), generated[0])  # generate()'s tokens, streamed
         assert sum(c.numel() for c, _ in chunks) == reference.shape[1] and chunks[-1][1].final
         restore(mtl)
+
+    def test_generate_batch_rows_are_the_requests_alone(self, mtl):
+        """Per-row language, text and seed through the batched decoder (each row with its own
+        alignment analyzer) and batched S3Gen: each row as that request alone; an unseeded
+        single request is upstream's generate() bit for bit."""
+        texts, languages, seeds = ["Hi.", "Bonjour à tous."], ["en", "fr"], [1, 2]
+        batch = generate_batch(mtl, texts, language_id=languages, seed=seeds)
+        for text, language, seed, got in zip(texts, languages, seeds, batch):
+            alone = generate_batch(mtl, [text], language_id=language, seed=seed)[0]
+            assert torch.equal(got.speech_tokens, alone.speech_tokens)
+            assert (got.wav - alone.wav).abs().max() <= 1e-4 * alone.wav.abs().max()
+        with pytest.raises(ValueError, match="language_id"):
+            generate_batch(mtl, ["Hi."])
+        want = generate(mtl, text="Hi.", language_id="en")
+        torch.manual_seed(0)
+        assert torch.equal(generate_batch(mtl, ["Hi."], language_id="en")[0].wav, want)
 
 
 # ---- turbo ------------------------------------------------------------------------------------
@@ -270,7 +290,7 @@ class TestTurbo:
         streamer.push(tokens, final=True)
         assert torch.allclose(streamer.mel, mel, rtol=0, atol=1e-5)
 
-    def test_generate_stream_serves_generate_tokens_and_checks_its_options(self, turbo):
+    def test_generate_stream_serves_generate_tokens_and_checks_its_options(self, turbo, monkeypatch):
         accelerate(turbo)
         with pytest.raises(TypeError, match="unknown option.*language_id"):
             turbo.generate_stream("Hi.", language_id="en")
@@ -279,12 +299,28 @@ class TestTurbo:
         # The fast GPT-2 loop decodes while the stream runs. This checkpoint stops after ~4
         # speech tokens, fewer than a chunk needs past the 3-token lookahead and the held frames,
         # so all the audio comes in the final chunk: its length is generate()'s.
+        pushed = streamed_tokens(monkeypatch)
         chunks = list(stream(turbo, text="Hi.", chunk_size=2, first_chunk_size=4))
-        reference = generate(turbo, text="Hi.")  # its T3 tokens plus 3 silence tokens, meanflow S3Gen
+        with s3gen_tokens(turbo) as generated:
+            reference = generate(turbo, text="Hi.")  # its T3 tokens plus 3 silence tokens, meanflow S3Gen
+        assert torch.equal(torch.cat(pushed), generated[0])  # generate()'s tokens, streamed
         assert sum(c.numel() for c, _ in chunks) == reference.shape[1] and chunks[-1][1].final
         assert all(torch.isfinite(c).all() for c, _ in chunks)
         assert chunks[-1][1].t3_tokens * 960 == reference.shape[1]  # 2 mel frames x 480 samples per token
         restore(turbo)
+
+    def test_generate_batch_rows_are_the_requests_alone(self, turbo):
+        """Turbo's T3 runs request by request under each row's seed, S3Gen (meanflow) batched:
+        each row as that request alone; an unseeded single request is generate() bit for bit."""
+        texts, seeds = ["Hi.", "Hello there, friend."], [1, 2]
+        batch = generate_batch(turbo, texts, seed=seeds)
+        for text, seed, got in zip(texts, seeds, batch):
+            alone = generate_batch(turbo, [text], seed=seed)[0]
+            assert torch.equal(got.speech_tokens, alone.speech_tokens)
+            assert (got.wav - alone.wav).abs().max() <= 1e-4 * alone.wav.abs().max()
+        want = generate(turbo, text="Hi.")
+        torch.manual_seed(0)
+        assert torch.equal(generate_batch(turbo, ["Hi."])[0].wav, want)
 
 
 # ---- voice conversion -------------------------------------------------------------------------

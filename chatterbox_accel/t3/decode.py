@@ -37,6 +37,7 @@ class DecodeState:
     speech_pos: torch.Tensor  # (1,) learned speech position of `token`
     presence: torch.Tensor    # (1, V) bool: ids seen so far (repetition penalty)
     done: torch.Tensor        # (1,) bool: EOS sampled
+    logits: torch.Tensor      # (2, V): the last step's speech logits (rows of its batch), read by the check
 
 
 class CachedRunner:
@@ -54,6 +55,9 @@ class CachedRunner:
         if self.static_cache and self.cache is not None and self.cache.fits(batch, length, dtype, device):
             return self.cache
         self.cache = None  # free the old buffers before allocating larger ones
+        invalidate = getattr(getattr(self, "step", None), "invalidate", None)
+        if invalidate is not None:  # captured graphs point into the old buffers
+            invalidate()
         cache = self.backbone.new_cache(batch, length)
         if self.static_cache:
             self.cache = cache
@@ -108,6 +112,7 @@ class T3Runner(CachedRunner):
         self._state: DecodeState | None = None  # reused across calls: stable addresses for graphs
         self._params: SamplingParams | None = None
         self._owner = None  # the decode that owns the cache now (see token_blocks)
+        self.events: list[str] = []  # run-time fallbacks, as the model's report lists them
         self.step = self.decode_one_token  # graphs.py may replace it with a compiled/captured step
 
     @property
@@ -149,6 +154,7 @@ class T3Runner(CachedRunner):
         """One step: logits -> sample -> update state in place (no host sync unless `adjust`,
         the alignment analyzer, needs one)."""
         logits = self.decode_logits(state, cache, kv_len)
+        state.logits[: logits.shape[0]].copy_(logits)
         token = sample_next(logits, state.presence, params, adjust)
         state.token.copy_(token)
         state.done.logical_or_(token == self.hp.stop_speech_token)
@@ -168,6 +174,7 @@ class T3Runner(CachedRunner):
                 speech_pos=torch.zeros(1, **long),
                 presence=torch.zeros(1, V, dtype=torch.bool, device=device),
                 done=torch.zeros(1, dtype=torch.bool, device=device),
+                logits=torch.zeros(2, V, dtype=self.llama.dtype, device=device),
             )
         state.token.zero_()
         state.input_pos.fill_(prompt_len)
@@ -248,6 +255,23 @@ class T3Runner(CachedRunner):
                     feed.last_token = int(tokens[n - 1])
                     tokens[n : n + 1].copy_(self.decode_one_token(state, params, cache, kv_len, feed))
             n += 1
+
+    @torch.inference_mode()
+    def step_forced_logits(self, embeds, forced: torch.Tensor, cfg_weight: float) -> torch.Tensor:
+        """As `teacher_forced_logits`, but each decode step runs through the INSTALLED step
+        (`self.step`: compiled, captured or eager, whatever generate() uses), which leaves its
+        logits in the state; the forced token is written over the one it sampled."""
+        B, P, _ = embeds.shape
+        cache = self.get_cache(B, P + forced.numel() + 1)
+        state = self.new_state(P, embeds.device)
+        params = self.static_params(SamplingParams.make(
+            embeds.device, cfg_weight=cfg_weight, temperature=1.0, repetition_penalty=1.0, min_p=0.0, top_p=1.0))
+        out = [cfg_combine(self.prefill(embeds, cache), params.cfg_weight)]
+        for n, token in enumerate(forced.view(-1)):
+            state.token.copy_(token.view(1))
+            self.step(state, params, cache, self.kv_len_for(P + n, cache))
+            out.append(cfg_combine(state.logits[:B], params.cfg_weight))
+        return torch.cat(out, dim=0)
 
     @torch.inference_mode()
     def teacher_forced_logits(self, embeds, forced: torch.Tensor, cfg_weight: float,

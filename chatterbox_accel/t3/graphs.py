@@ -30,30 +30,55 @@ class GuardedStep:
             logger.warning("chatterbox_accel: %s decode step failed (%s); using the eager step. "
                            "Pass compile=False, cuda_graphs=False to skip it.", self.name, self.error)
             self.runner.step = self.runner.decode_one_token
+            report_fallback(self.runner, f"{self.name} step", self.error)
             return self.runner.decode_one_token(state, params, cache, kv_len)
+
+    def invalidate(self) -> None:
+        invalidate = getattr(self.fast, "invalidate", None)
+        if invalidate is not None:
+            invalidate()
+
+
+def report_fallback(runner, what: str, error: str) -> None:
+    """Record a run-time fallback where the model's report shows it (`runner.events`)."""
+    events = getattr(runner, "events", None)
+    if events is not None:
+        events.append(f"{what}: {error}")
 
 
 class CudaGraphStep:
     """One CUDA graph per (kv_len bucket, top_p on/off), replayed over static state tensors.
 
     The runner reuses one `DecodeState`, one `SamplingParams` and one cache across calls, so
-    their addresses are stable; a graph is recaptured only when one of them is reallocated.
+    their addresses are stable. The graphs hold those objects (not their `id()`s, which a new
+    allocation can reuse after the old one is freed, and a graph would then replay into freed
+    memory), are dropped when a call brings other ones, and `invalidate()` drops them
+    explicitly: the runner calls it whenever it reallocates its cache. `capture` (tests: a fake)
+    makes (graph with .replay(), output) for one shape.
     """
 
-    def __init__(self, inner):
+    def __init__(self, inner, capture=None):
         self.inner = inner
         self.graphs: dict = {}
         self.pool = None
+        self.owners: tuple | None = None  # (state, params, cache) the graphs were captured on
+        self.captures = 0
+        self._make = capture or self._capture
+
+    def invalidate(self) -> None:
+        self.graphs.clear()
+        self.owners = None
 
     def __call__(self, state, params, cache, kv_len):
-        owners = (id(state), id(params), id(cache))
-        if owners != getattr(self, "_owners", None):  # buffers reallocated: old graphs are stale
-            self.graphs.clear()
-            self._owners = owners
+        owners = (state, params, cache)
+        if self.owners is None or any(a is not b for a, b in zip(owners, self.owners)):
+            self.invalidate()  # other buffers: graphs captured on the old ones must never replay
+            self.owners = owners
         key = (kv_len, params.use_top_p)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self.graphs[key] = self._capture(state, params, cache, kv_len)
+            entry = self.graphs[key] = self._make(state, params, cache, kv_len)
+            self.captures += 1
         graph, out = entry
         graph.replay()
         return out
@@ -81,6 +106,11 @@ def install_step(runner, *, compile_step: bool, mode: str, cuda_graphs: bool, wa
     """Set `runner.step`; returns {"applied": [...], "fallbacks": {name: reason}}."""
     applied, fallbacks = [], {}
     candidates = []
+    if compile_step and mode == "reduce-overhead" and runner.backbone.device.type != "cuda":
+        # Its CUDA graphs cannot exist off CUDA: say so instead of reporting them as applied.
+        fallbacks["t3.compile[reduce-overhead]"] = (f"reduce-overhead's CUDA graphs need CUDA (the model is on "
+                                                    f"{runner.backbone.device.type}); compiled with mode='default'")
+        mode = "default"
     if compile_step:
         compiled = torch.compile(runner.decode_one_token, mode=mode, fullgraph=False, dynamic=False)
         if cuda_graphs and mode != "reduce-overhead":

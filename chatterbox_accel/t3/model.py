@@ -37,11 +37,39 @@ def rotate_half(x):
 
 
 def rope_table(llama, max_len: int, device, dtype):
-    """cos/sin (max_len, head_dim) for positions 0..max_len-1, from the model's rotary_emb."""
+    """cos/sin (max_len, head_dim) for positions 0..max_len-1, from the model's rotary_emb,
+    computed in float32 and only then cast to `dtype`."""
     positions = torch.arange(max_len, device=device)[None]  # (1, T)
     probe = torch.empty(1, dtype=torch.float32, device=device)
-    cos, sin = llama.rotary_emb(probe, positions)  # float32, (1, T, D)
+    cos, sin = fp32_rotary(llama.rotary_emb)(probe, positions)  # float32, (1, T, D)
     return cos[0].to(dtype), sin[0].to(dtype)
+
+
+def fp32_rotary(rotary):
+    """`rotary` itself when its frequencies are float32; else a copy with them recomputed in
+    float32 from its config by transformers' own init function. Casting a model to bf16 casts
+    the `inv_freq` buffer too: a phase error of ~1 rad by position ~500 in every table built
+    from it."""
+    if rotary.inv_freq.dtype == torch.float32:
+        return rotary
+    import copy
+
+    init = getattr(rotary, "rope_init_fn", None)
+    if init is None:
+        rope_type = getattr(rotary, "rope_type", "default")
+        if rope_type == "default":
+            init = rotary.compute_default_rope_parameters
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            init = ROPE_INIT_FUNCTIONS[rope_type]
+    inv_freq, scaling = init(rotary.config, rotary.inv_freq.device)
+    fresh = copy.deepcopy(rotary)
+    fresh.inv_freq = inv_freq.to(torch.float32)
+    if hasattr(fresh, "original_inv_freq"):
+        fresh.original_inv_freq = fresh.inv_freq.clone()
+    fresh.attention_scaling = scaling
+    return fresh
 
 
 def sdpa_attention(q, k_buf, v_buf, input_pos, kv_len: int):

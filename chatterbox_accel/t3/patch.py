@@ -49,15 +49,24 @@ def check_lengths(hp, text_tokens, max_new_tokens) -> None:
                          f"(T3's speech position table); generate long audio in several calls")
 
 
+def is_transient(exc: Exception) -> bool:
+    """Out of memory (CUDA's error type, or a backend's message): worth trying again later."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", None) or getattr(torch, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or "out of memory" in str(exc).lower()
+
+
 class FastInference:
     """wrapt wrapper for `T3.inference`."""
 
     method = "T3.inference"  # what the wrapper replaces, for the log
 
+    max_transient = 3  # consecutive transient failures (out of memory) before the fast path is switched off
+
     def __init__(self, runner):
         self.runner = runner
         self.disabled: str | None = None  # reason, once a run-time failure switched us off
         self.calls = {"fast": 0, "original": 0}
+        self.transient = 0  # consecutive transient failures
 
     def unsupported(self, args, kwargs) -> str | None:
         return unsupported_reason(self.runner.t3, args, {**INFERENCE_DEFAULTS, **kwargs})
@@ -68,18 +77,37 @@ class FastInference:
             try:
                 tokens = self.run(kwargs)
                 self.calls["fast"] += 1
+                self.transient = 0
                 return tokens
             except ValueError:
                 raise  # bad sampling options: the user's error, not a fast-path failure
             except Exception as exc:
-                self.disabled = f"{type(exc).__name__}: {exc}"
-                logger.warning("chatterbox_accel: fast T3 decode failed (%s); this model now uses "
-                               "the original %s. Call restore(model) to remove the patches.",
-                               self.disabled, self.method)
+                self.failed(exc)
         else:
             logger.debug("chatterbox_accel: original %s for this call (%s)", self.method, reason)
         self.calls["original"] += 1
         return wrapped(*args, **kwargs)
+
+    def failed(self, exc: Exception) -> None:
+        """A fast call raised: this call goes to the original. A transient failure (out of
+        memory) leaves the fast path on for the next call, up to `max_transient` in a row; any
+        other switches it off for this model. Both are recorded in the model's report."""
+        error = f"{type(exc).__name__}: {exc}"
+        events = getattr(self.runner, "events", None)
+        if is_transient(exc) and self.transient + 1 < self.max_transient:
+            self.transient += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.warning("chatterbox_accel: fast T3 decode failed (%s); this call uses the original %s, "
+                           "the next one tries the fast path again", error, self.method)
+            if events is not None:
+                events.append(f"{self.method}: one call answered by the original ({error})")
+            return
+        self.disabled = error
+        logger.warning("chatterbox_accel: fast T3 decode failed (%s); this model now uses "
+                       "the original %s. Call restore(model) to remove the patches.", error, self.method)
+        if events is not None:
+            events.append(f"{self.method}: fast path switched off ({error})")
 
     def run(self, kwargs) -> torch.Tensor:
         return torch.cat([ids for ids, _ in self.stream(kwargs)])[None]

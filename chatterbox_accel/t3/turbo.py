@@ -154,6 +154,7 @@ class TurboRunner(CachedRunner):
         self.kv_bucket, self.static_cache = kv_bucket, static_cache
         self.cache: StaticKVCache | None = None
         self._owner = None
+        self.events: list[str] = []  # run-time fallbacks, as the model's report lists them
         self._prefix = None  # (cache, conditioning embeddings) whose K/V sit in that cache's first slots
 
     @property
