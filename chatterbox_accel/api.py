@@ -134,7 +134,7 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
                 report.fallbacks["s3gen.modes"] = f"{why}; they run only behind their probe (check=True)"
             else:
                 _install_s3gen_modes(model, cfg, report, registry)
-        if family_of(model) in BATCH_FAMILIES:
+        if family_of(model) in BATCH_FAMILIES and callable(getattr(model, "generate", None)):
             why = versions.chatterbox_reason("generate_batch")
             if why:
                 report.fallbacks["generate_batch"] = f"{why}; no probe verifies it, so it is not attached"

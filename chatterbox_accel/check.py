@@ -84,8 +84,12 @@ def probe_inputs(t3, conds_t3, steps: int, cfg_weight: float = 0.5):
             cond_prompt_speech_tokens=torch.randint(0, 6561, (1, t3.hp.speech_cond_prompt_len or 1), generator=g),
             emotion_adv=0.5 * torch.ones(1, 1, 1),
         ).to(device=device)
-    # A copy, so the probe never caches embeddings into the user's conditionals.
+    # A copy, so the probe never caches embeddings into the user's conditionals; in the T3's
+    # own dtype (a T3 loaded in bf16 cannot read float32 conditionals).
     t3_cond = dataclasses.replace(conds_t3, cond_prompt_speech_emb=None)
+    weight_dtype = t3.speech_head.weight.dtype
+    if weight_dtype != torch.float32:
+        t3_cond = t3_cond.to(dtype=weight_dtype)
     text = torch.tensor([PROBE_TEXT_IDS], device=device)
     text[:, 0], text[:, -1] = t3.hp.start_text_token, t3.hp.stop_text_token
     text = text.expand(2 if cfg_weight > 0 else 1, -1)

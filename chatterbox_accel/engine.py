@@ -395,6 +395,8 @@ def _synthesize(model, rows, max_batch, metrics, bar) -> list[Result]:
         noises = [row_noise(ref, r.tokens.numel(), ratio, meanflow, r.generator, s3gen.device, s3gen.dtype)
                   for ref, r in zip(refs, group)]
         mels = flow_mels(flow, [r.tokens.to(s3gen.device) for r in group], refs, noises, steps, meanflow)
+        if mels[0].is_cuda:
+            torch.cuda.synchronize()  # the stage's time is its own, not the vocoder's
         flow_seconds = time.perf_counter() - t
         metrics.s3gen_seconds += flow_seconds
         for row, mel in zip(group, mels):

@@ -92,13 +92,16 @@ class StageTimer:
 _MISSING = object()
 
 
+DEVICE = "cpu"
+
+
 def sequential(model, texts, voices, seeds, original: bool):
     """The paths' own generate(), one text after another. The original: every accelerate()
     patch suspended (chatterbox's own methods run), the timers wrapped inside that."""
     import contextlib
 
     suspend = get_registry(model).suspended() if original else contextlib.nullcontext()
-    with suspend, PeakMemory("cpu") as mem, StageTimer(model) as timer:
+    with suspend, PeakMemory(DEVICE) as mem, StageTimer(model) as timer:
         start = time.perf_counter()
         audio = 0.0
         for text, voice, seed in zip(texts, voices, seeds):
@@ -113,7 +116,7 @@ def sequential(model, texts, voices, seeds, original: bool):
 
 
 def batched(model, texts, voices, seeds, max_batch):
-    with PeakMemory("cpu") as mem:
+    with PeakMemory(DEVICE) as mem:
         results = generate_batch(model, texts, audio_prompt_path=voices, seed=seeds, max_batch=max_batch)
     m = results.metrics
     return dict(total_s=m.total_seconds, audio_s=m.audio_seconds, t3_s=m.t3_seconds, t3_tokens=m.t3_tokens,
@@ -137,12 +140,15 @@ def main():
     ap.add_argument("--checkpoint", default="/tmp/chatterbox-accel-bench-english")
     ap.add_argument("--out", default="")
     ap.add_argument("--skip-original", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (peak memory: RSS on cpu, allocated on cuda)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
     logging.basicConfig(level=logging.WARNING)
     from chatterbox.tts import ChatterboxTTS
 
     folder = write_english_checkpoint(args.checkpoint, stop_after=args.tokens, voice_seconds=args.voice_seconds)
-    model = ChatterboxTTS.from_local(folder, "cpu")
+    model = ChatterboxTTS.from_local(folder, args.device)
     second = Path(folder) / "second_voice.wav"
     sf.write(str(second), synthetic_voice(seconds=args.voice_seconds, sr=24000, seed=7).numpy(), 24000)
     report = accelerate(model)
@@ -189,7 +195,7 @@ def main():
     summary = dict(bench="batch", family="english", weights="random", hardware=hardware(), versions=versions(),
                    command="python scripts/bench_batch.py " + " ".join(
                        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                       if v not in (False, "", 0) and k not in ("checkpoint", "out")),
+                       if v not in (False, "", 0, "cpu") and k not in ("checkpoint", "out")),
                    tokens_per_utterance=args.tokens, voice_seconds=args.voice_seconds,
                    mixed_voices=args.mixed_voices, kernels=str(report.kernels) if hasattr(report, "kernels") else None,
                    rows=rows, ratios=ratios)

@@ -114,6 +114,7 @@ if [ "$MODE" != cpu ]; then
     part e2e_turbo $PY -m chatterbox_accel.cli bench --model turbo --device cuda --lengths 10 --repeats 2 --no-chart --json-only
     part e2e_multilingual $PY -m chatterbox_accel.cli bench --model multilingual --device cuda --lengths 10 --repeats 2 --no-chart --json-only
     part stream_turbo $PY scripts/bench_stream.py --model turbo --device cuda --seconds 10 --voice-seconds 10
+    part batch_english $PY scripts/bench_batch.py --device cuda --ns 1,4,16
     part quality_english $PY scripts/bench_quality.py --model english --seconds 3 --voice-seconds 3 --modes "exact,s3gen steps=5,s3gen cfg off,s3gen bfloat16,preset fast"
   fi
 fi

@@ -15,6 +15,19 @@ from chatterbox_accel.s3gen_batch import flow_mels, on_device, row_noise
 TEXTS = ["Hello there.", "A somewhat longer sentence, with a comma.", "Short."]
 
 
+@pytest.fixture(scope="module")
+def tiny_model(ckpt_dir):
+    """One tiny-T3 model for the module (loading S3Gen and the voice encoder costs seconds);
+    every test leaves it unpatched, with its own conditionals."""
+    from chatterbox_accel.checkpoints import tiny_english_model
+
+    from conftest import STOP_AFTER
+
+    model = tiny_english_model(ckpt_dir, stop_after=STOP_AFTER)
+    yield model
+    restore(model)
+
+
 @pytest.fixture
 def voice_file(tmp_path):
     path = tmp_path / "voice.wav"
@@ -54,8 +67,10 @@ def test_flow_rows_match_upstream_flow_with_the_same_noise(tiny_model, voice_fil
     miss by ~1e-2."""
     s3gen = tiny_model.s3gen
     voice_a = on_device(tiny_model.conds.gen, s3gen.device, s3gen.dtype)
+    saved = tiny_model.conds
     tiny_model.prepare_conditionals(voice_file)
     voice_b = on_device(tiny_model.conds.gen, s3gen.device, s3gen.dtype)
+    tiny_model.conds = saved
     g = torch.Generator().manual_seed(0)
     tokens = [torch.randint(0, 6561, (n,), generator=g) for n in (15, 31, 9)]
     refs = [voice_a, voice_b, voice_a]

@@ -88,12 +88,12 @@ def test_fast_path_failure_at_run_time_uses_the_original(tiny_t3, monkeypatch):
     runner = runner_of(model)
 
     def broken(*args, **kwargs):
-        raise RuntimeError("injected: out of memory")
+        raise RuntimeError("injected: kernel failure")  # not transient (OOM is: see test_step_fixes.py)
 
     monkeypatch.setattr(runner, "token_blocks", broken)
     fast = tiny_t3.__dict__["inference"]._self_wrapper
     out = run(tiny_t3)
     assert out.shape[0] == 1 and out.shape[1] >= 1
-    assert "injected: out of memory" in fast.disabled
+    assert "injected: kernel failure" in fast.disabled
     run(tiny_t3)
     assert fast.calls == {"fast": 0, "original": 2}

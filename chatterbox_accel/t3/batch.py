@@ -96,6 +96,32 @@ def race(probs: torch.Tensor, generators: list, active: list[bool]) -> torch.Ten
     return noise
 
 
+def _shared_prefix(embeds: torch.Tensor) -> int:
+    """How many leading positions the CFG pair's two rows have equal (keeping the last one
+    out, so the suffix is never empty)."""
+    differ = (embeds[0, :-1] != embeds[1, :-1]).any(dim=-1).nonzero()
+    return int(differ[0, 0]) if differ.numel() else embeds.shape[1] - 1
+
+
+class _PrefixCache:
+    """Prefix K/V by the prefix's own embeddings (compared exactly), a few voices at a time."""
+
+    def __init__(self, size: int = 8):
+        self.entries: list = []
+        self.size = size
+
+    def get(self, embeds):
+        for key, k, v in self.entries:
+            if key.shape == embeds.shape and torch.equal(key, embeds):
+                return k, v
+        return None, None
+
+    def put(self, embeds, k, v):
+        entry = (embeds.clone(), k.clone(), v.clone())
+        self.entries = [entry] + self.entries[: self.size - 1]
+        return entry[1], entry[2]
+
+
 @dataclass
 class _Slot:
     request: T3Request
@@ -145,12 +171,13 @@ class SlotDecoder:
         queue = deque(requests)
         multilingual = bool(runner.heads)
 
+        prefixes = _PrefixCache()
+
         def admit(s: int, request: T3Request):
             if request.embeds.shape[0] != 2:
                 raise ValueError("a T3Request's embeds must be the CFG pair (2, P, C)")
             P = request.prompt_len
-            # The prefill's maps are the slot's conditional row, (P, P), as the single loop's.
-            logits = runner.prefill(request.embeds, cache.rows(2 * s, 2 * s + 2))  # (2, V)
+            logits = self._prefill(request.embeds, cache, s, prefixes)  # (2, V)
             slot = slots[s] = _Slot(request)
             if multilingual:
                 end = P - 2  # the prompt is conditioning + text + BOS + BOS (see T3Runner.analyzer_feed)
@@ -204,6 +231,33 @@ class SlotDecoder:
                             yield self._retire(slots, s, progress)
                             pos[s] = 0  # a free slot computes at position 0 of its own rows
 
+    def _prefill(self, embeds, cache, s: int, prefixes: "_PrefixCache"):
+        """Prefill slot `s` with the CFG pair `embeds` (2, P, C); last-position logits (2, V).
+
+        The two rows share their first positions (the conditioning: speaker, prompt speech
+        tokens, emotion; the text, zeroed in the second row, is where they part), and requests
+        with the same voice share them too. That prefix runs once per voice, on one row, and its
+        K/V is copied into both rows of every slot that uses it; then both rows' own positions
+        run together. Every request takes this same path, cached prefix or not, so its numbers
+        do not depend on which requests came before it. (Multilingual: the spied maps are the
+        suffix's rows; the analyzer reads the text columns of the last rows only.)"""
+        llama = self.runner.llama
+        P = embeds.shape[1]
+        n = _shared_prefix(embeds)
+        if self.runner.heads or n == 0:  # multilingual: its analyzer reads the whole prefill's maps
+            return self.runner.prefill(embeds, cache.rows(2 * s, 2 * s + 2))
+        k, v = prefixes.get(embeds[0, :n])
+        if k is None:
+            row = cache.rows(2 * s, 2 * s + 1)
+            llama.forward(embeds[:1, :n].to(llama.dtype), torch.arange(n, device=embeds.device), row, n)
+            k, v = prefixes.put(embeds[0, :n], cache.k[:, 2 * s, :, :n], cache.v[:, 2 * s, :, :n])
+        for r in (2 * s, 2 * s + 1):
+            cache.k[:, r, :, :n].copy_(k)
+            cache.v[:, r, :, :n].copy_(v)
+        hidden = llama.forward(embeds[:, n:].to(llama.dtype), torch.arange(n, P, device=embeds.device),
+                               cache.rows(2 * s, 2 * s + 2), P)
+        return llama.linear(self.runner.speech_head, hidden[:, -1])
+
     def _retire(self, slots, s, progress):
         slot, slots[s] = slots[s], None
         if progress is not None:
@@ -256,9 +310,9 @@ class SlotDecoder:
         steps = max(f.numel() for f in forced)
         cache = self.cache_for(S, max(r.prompt_len for r in requests) + steps + 1)
         cfg = torch.tensor([[float(r.options["cfg_weight"])] for r in requests], device=device)
-        outs = []
+        outs, prefixes = [], _PrefixCache()
         for s, r in enumerate(requests):
-            logits = runner.prefill(r.embeds, cache.rows(2 * s, 2 * s + 2))
+            logits = self._prefill(r.embeds, cache, s, prefixes)  # the prefill run() uses
             outs.append([cfg_combine_pairs(logits, cfg[s : s + 1])])
         pos = torch.tensor([r.prompt_len for r in requests], device=device)
         speech_pos = torch.ones(S, dtype=torch.long, device=device)
