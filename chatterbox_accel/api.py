@@ -135,19 +135,9 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
             else:
                 _install_s3gen_modes(model, cfg, report, registry)
         if family_of(model) in BATCH_FAMILIES and callable(getattr(model, "generate", None)):
-            why = versions.chatterbox_reason("generate_batch")
-            if why:
-                report.fallbacks["generate_batch"] = f"{why}; no probe verifies it, so it is not attached"
-            else:
-                registry.set_attr(model, "generate_batch", functools.partial(generate_batch, model))
-                report.applied.append("generate_batch")
+            _attach(model, registry, report, "generate_batch", generate_batch)
         if stream_unsupported(model) is None:
-            why = versions.chatterbox_reason("generate_stream")
-            if why:
-                report.fallbacks["generate_stream"] = f"{why}; no probe verifies it, so it is not attached"
-            else:
-                registry.set_attr(model, "generate_stream", functools.partial(generate_stream, model))
-                report.applied.append("generate_stream")
+            _attach(model, registry, report, "generate_stream", generate_stream)
     except BaseException:
         restore(model)
         raise
@@ -165,6 +155,17 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
         warnings.warn(message, RuntimeWarning, stacklevel=2)
     logger.info("%s", report)
     return report
+
+
+def _attach(model, registry, report, name: str, fn) -> None:
+    """`model.<name>` = `fn` bound to the model, on a tested chatterbox-tts only: these entry
+    points mirror upstream's pipeline step by step, which no probe verifies on another version."""
+    why = versions.chatterbox_reason(name)
+    if why:
+        report.fallbacks[name] = f"{why}; no probe verifies it, so it is not attached"
+    else:
+        registry.set_attr(model, name, functools.partial(fn, model))
+        report.applied.append(name)
 
 
 def restore(model) -> None:
