@@ -25,7 +25,6 @@ from .t3.decode import T3Runner
 from .t3.graphs import install_step
 from .t3.model import make_flash_attention, sdpa_attention
 from .t3.patch import FastInference
-from .t3.sampling import SamplingParams
 from .voice import CachedPrepareConditionals, CachedSetTargetVoice, VoiceCache
 
 logger = logging.getLogger(__name__)
@@ -110,7 +109,7 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
         elif cfg.t3 and not t3_fallback:
             runner = _build_runner(t3, cfg, report)
             _install_steps(runner, t3, cfg, report)
-            _select_kernels(runner, cfg, report, compiled=runner.step != runner.decode_one_token)
+            _select_kernels(runner, cfg, report, compiled=runner.step != runner.slot_logits)
             fast = FastInference(runner)
             registry.state["t3_runner"], registry.state["t3_inference"] = runner, fast
             registry.wrap_method(t3, "inference", fast)
@@ -260,7 +259,7 @@ def _build_runner(t3, cfg: AccelConfig, report: AccelReport) -> T3Runner:
         bucket = cfg.kv_bucket  # one captured graph per bucket
     else:
         bucket = 32  # eager: read little more of the cache than is filled
-    return T3Runner(t3, attention=attention, dtype=dtype, eos_check_every=eos_every,
+    return T3Runner(t3, attention=attention, dtype=dtype, sync_every=eos_every,
                     kv_bucket=bucket, static_cache=cfg.static_cache)
 
 
@@ -388,13 +387,18 @@ def _warmup(runner: T3Runner, t3, steps: int = 4):
     """A few real decode steps through `runner.step` (compiles / captures, or raises), on the
     cache a real generate() call uses: allocated now for its 1000 new tokens after a prompt
     up to WARMUP_PROMPT_MARGIN longer than the probe's, so the first real call neither
-    regrows the cache nor recompiles / recaptures for a new shape."""
+    regrows the cache nor recompiles. CUDA graphs: every kv bucket of the one-slot decoder is
+    captured now, largest first, not in the middle of a request."""
     t3_cond, text, _ = probe_inputs(t3, None, 1)
-    params = SamplingParams.make(t3.device, cfg_weight=0.5, temperature=0.8,
-                                 repetition_penalty=1.2, min_p=0.05, top_p=1.0)
-    embeds = runner.build_prompt(t3_cond, text, 0.5)
-    runner.get_cache(embeds.shape[0], embeds.shape[1] + GENERATE_MAX_NEW_TOKENS + WARMUP_PROMPT_MARGIN)
-    runner.generate(embeds, params, steps, text_len=text.shape[-1])
+    options = dict(cfg_weight=0.5, temperature=0.8, repetition_penalty=1.2, min_p=0.05, top_p=1.0)
+    request = runner.request(t3_cond, text, options, steps)
+    cache = runner.slot_cache(1, request.prompt_len + GENERATE_MAX_NEW_TOKENS + WARMUP_PROMPT_MARGIN)
+    runner.generate(request)
+    capture_all = getattr(getattr(runner.step, "fast", None), "capture_all", None) or getattr(
+        runner.step, "capture_all", None)
+    if capture_all is not None and runner.kv_bucket is not None:
+        buckets = range(runner.kv_bucket, cache.max_len + runner.kv_bucket, runner.kv_bucket)
+        capture_all(runner.decoder(1).state, cache, [min(b, cache.max_len) for b in buckets])
 
 
 def _accelerate_turbo(model, t3, cfg: AccelConfig, report: AccelReport, registry) -> None:

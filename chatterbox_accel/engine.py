@@ -6,7 +6,8 @@
 The pipeline per request is upstream's `generate()`: voice conditionals -> text tokens -> T3 ->
 speech tokens -> S3Gen flow -> HiFT -> trim fade -> watermark. What changes is that requests
 share the work:
-- T3 (English, Multilingual): `t3.batch.SlotDecoder`, `max_batch` requests decoding at once in
+- T3 (English, Multilingual): the runner's `t3.batch.SlotDecoder` (the one `generate()` and
+  `generate_stream()` decode through, with one slot), `max_batch` requests decoding at once in
   slots they join and leave at step boundaries (more texts than slots keep the slots full).
   Turbo's T3 runs request by request (its loop is the GPT-2 one, t3/turbo.py; not batched yet).
 - S3Gen: `s3gen_batch.flow_mels`, up to `max_batch` rows per flow call, each with its own voice,
@@ -36,7 +37,6 @@ from .s3gen_batch import flow_mels, on_device, row_noise, vocode
 from .s3gen_fast import modes_of
 from .stream import (MULTILINGUAL_MAX_NEW_TOKENS, SPEECH_VOCAB, _check_language, _generate_options,
                      _REQUIRED, text_tokens_for, with_exaggeration)
-from .t3.batch import SlotDecoder, T3Request
 from .t3.patch import check_lengths
 from .t3.sampling import validate
 
@@ -331,16 +331,14 @@ def _llama_tokens(model, family, rows, max_batch, metrics, bar):
     with torch.inference_mode():
         for row in rows:
             o = row.options
-            cfg = float(o["cfg_weight"])
-            text_tokens = text_tokens_for(model, row.text, cfg, o.get("language_id"))
+            text_tokens = text_tokens_for(model, row.text, float(o["cfg_weight"]), o.get("language_id"))
             check_lengths(model.t3.hp, text_tokens, o["max_new_tokens"])
-            # Always the CFG pair: with cfg_weight 0 the unconditional row is computed and weighted 0.
-            embeds = runner.build_prompt(row.conds.t3, text_tokens[:1], 1.0 if cfg == 0.0 else cfg)
             max_new = o["max_new_tokens"] if family == "english" else min(o["max_new_tokens"], MULTILINGUAL_MAX_NEW_TOKENS)
-            requests.append(T3Request(embeds, {k: o[k] for k in ("cfg_weight", "temperature", "repetition_penalty",
-                                                               "min_p", "top_p")},
-                                      int(max_new), row.generator, text_len=text_tokens.shape[-1], key=row))
-    decoder = SlotDecoder(runner, max_batch)
+            # Always the CFG pair: with cfg_weight 0 the unconditional row is computed and weighted 0.
+            requests.append(runner.request(row.conds.t3, text_tokens, o, int(max_new), row.generator, key=row))
+    runner.claim()  # a paused stream on this model's T3 loses its slot (it raises if resumed)
+    decoder = runner.decoder(min(max_batch, len(requests)))
+    steps = decoder.steps
     for request, tokens in decoder.run(requests, progress=bar.update):
         row = request.key
         row.extras["t3_tokens"] = tokens.numel()
@@ -348,8 +346,8 @@ def _llama_tokens(model, family, rows, max_batch, metrics, bar):
         if family == "english":
             speech = speech[speech < SPEECH_VOCAB]
         row.tokens = speech
-    metrics.t3_steps = decoder.steps
-    metrics.kv_cache_bytes = runner.batch_cache.nbytes
+    metrics.t3_steps = decoder.steps - steps
+    metrics.kv_cache_bytes = runner.cache.nbytes
 
 
 def _turbo_tokens(model, rows, bar):

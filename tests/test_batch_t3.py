@@ -11,7 +11,6 @@ from chatterbox_accel.checkpoints import tiny_t3
 from chatterbox_accel.t3.batch import SlotDecoder, T3Request, cfg_combine_pairs
 from chatterbox_accel.t3.decode import T3Runner
 from chatterbox_accel.t3.model import sdpa_attention
-from chatterbox_accel.t3.sampling import SamplingParams
 
 from conftest import original_forced_logits
 
@@ -87,16 +86,16 @@ def test_seeds_drive_the_tokens(runner):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_unseeded_batch_of_one_equals_the_single_runner(runner):
-    """Guards the numerics against today's single path: without a seed the race draws from the
-    global RNG exactly as T3Runner does, so the same global seed gives the same tokens."""
+def test_unseeded_request_draws_alike_in_any_decoder(runner):
+    """Guards the global-RNG path generate() takes: free slots draw no noise, so an unseeded
+    request gives the same tokens on the runner's one-slot decoder (generate()'s path) and
+    alone in a 3-slot decoder, under the same global seed."""
     r = request(runner, 8, None, 20)
     torch.manual_seed(7)
-    with torch.inference_mode():
-        single = runner.generate(r.embeds, SamplingParams.make("cpu", **OPTS), 20)[0]
+    single = runner.generate(r)[0]
     torch.manual_seed(7)
     batched = [t for _, t in SlotDecoder(runner, 3).run([r])][0]
-    assert torch.equal(single, batched)
+    assert torch.equal(single, batched) and single.numel() == 20
 
 
 def test_teacher_forced_rows_match_the_original_loop(t3, runner, monkeypatch):
@@ -132,11 +131,11 @@ def test_cache_is_allocated_once_and_regrown_only_when_needed(runner):
     """Guards the slot cache's life: reused while it fits, replaced when it does not."""
     SlotDecoder(runner, 2).run  # noqa: B018 (constructing allocates nothing)
     list(SlotDecoder(runner, 2).run([request(runner, 8, 1, 10), request(runner, 8, 2, 10)]))
-    first = runner.batch_cache
+    first = runner.cache
     list(SlotDecoder(runner, 2).run([request(runner, 8, 3, 12), request(runner, 9, 4, 8)]))
-    assert runner.batch_cache is first
+    assert runner.cache is first
     list(SlotDecoder(runner, 2).run([request(runner, 8, 3, 400), request(runner, 9, 4, 2)]))
-    assert runner.batch_cache is not first and runner.batch_cache.max_len >= 400
+    assert runner.cache is not first and runner.cache.max_len >= 400
 
 
 def test_cfg_pairs_combine_per_row():
@@ -183,7 +182,6 @@ def test_multilingual_rows_run_their_own_analyzer(mtl_runner, monkeypatch):
         assert torch.allclose(analyzer.alignment, made[-1].alignment, atol=1e-5), r.key
     r = request(mtl_runner, 12, None, 20)
     torch.manual_seed(3)
-    with torch.inference_mode():
-        single = mtl_runner.generate(r.embeds, SamplingParams.make("cpu", **OPTS), 20, text_len=r.text_len)[0]
+    single = mtl_runner.generate(r)[0]
     torch.manual_seed(3)
     assert torch.equal([t for _, t in SlotDecoder(mtl_runner, 2).run([r])][0], single)

@@ -35,7 +35,7 @@ def test_failing_compile_falls_back_to_eager(tiny_t3, monkeypatch):
     assert "injected: inductor exploded" in report.fallbacks["t3.compile[default]"]
     assert not any("compile" in name for name in report.applied)
     assert report.check.passed
-    assert runner_of(model).step == runner_of(model).decode_one_token
+    assert runner_of(model).step == runner_of(model).slot_logits
     assert torch.equal(run(tiny_t3), expected)
 
 
@@ -48,14 +48,12 @@ def test_cuda_graph_capture_failure_falls_back(tiny_t3):
 
     def warmup():
         t3_cond, text, _ = probe(tiny_t3)
-        from chatterbox_accel.t3.sampling import SamplingParams
-        params = SamplingParams.make("cpu", cfg_weight=0.5, temperature=0.8, repetition_penalty=1.2,
-                                     min_p=0.05, top_p=1.0)
-        runner.generate(runner.build_prompt(fresh(t3_cond), text, 0.5), params, 4)
+        options = dict(cfg_weight=0.5, temperature=0.8, repetition_penalty=1.2, min_p=0.05, top_p=1.0)
+        runner.generate(runner.request(fresh(t3_cond), text, options, 4))
 
     result = install_step(runner, compile_step=False, mode="default", cuda_graphs=True, warmup=warmup)
     assert result["applied"] == [] and "t3.cuda_graphs" in result["fallbacks"]
-    assert runner.step == runner.decode_one_token
+    assert runner.step == runner.slot_logits
     warmup()  # and the eager step works
 
 
@@ -71,7 +69,7 @@ def test_guarded_step_switches_to_eager_at_run_time(tiny_t3):
     runner = runner_of(model)
     calls = []
 
-    def flaky(state, params, cache, kv_len):
+    def flaky(state, cache, kv_len):
         calls.append(kv_len)
         raise RuntimeError("injected: graph replay failed")
 
@@ -79,7 +77,7 @@ def test_guarded_step_switches_to_eager_at_run_time(tiny_t3):
     runner.step = guard
     assert torch.equal(run(tiny_t3), expected)
     assert len(calls) == 1 and "graph replay failed" in guard.error
-    assert runner.step == runner.decode_one_token
+    assert runner.step == runner.slot_logits
 
 
 def test_fast_path_failure_at_run_time_uses_the_original(tiny_t3, monkeypatch):

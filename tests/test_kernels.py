@@ -182,7 +182,7 @@ def test_no_packing_when_asked_or_when_the_step_is_compiled(tiny_t3, monkeypatch
     import chatterbox_accel.api as api
 
     def compiled(runner, **kwargs):  # stands in for torch.compile (slow to run here): a new step
-        runner.step = lambda *a, **kw: runner.decode_one_token(*a, **kw)
+        runner.step = lambda *a, **kw: runner.slot_logits(*a, **kw)
         return {"applied": ["t3.compile"], "fallbacks": {}}
 
     monkeypatch.setattr(api, "install_step", compiled)

@@ -4,7 +4,8 @@ import torch
 from transformers.generation.logits_process import (
     MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TopPLogitsWarper)
 
-from chatterbox_accel.t3.sampling import SamplingParams, cfg_combine, process_logits, sample, sample_next
+from chatterbox_accel.t3.batch import RowParams, SlotDecoder
+from chatterbox_accel.t3.sampling import SamplingParams, cfg_combine, process_logits, sample
 
 V = 8194
 
@@ -62,12 +63,16 @@ def test_sampler_draws_from_the_distribution():
     assert err < 0.015, f"empirical frequencies {counts.tolist()} vs {probs[0].tolist()}"
 
 
-def test_sample_next_marks_presence():
-    presence = torch.zeros(1, V, dtype=torch.bool)
-    params = SamplingParams.make("cpu", cfg_weight=0.5, temperature=0.8, repetition_penalty=1.2,
-                                 min_p=0.05, top_p=1.0)
-    token = sample_next(torch.randn(2, V), presence, params)
-    assert presence[0, token].item() and presence.sum() == 1
+def test_decoder_sampler_marks_each_rows_presence_and_skips_inactive_draws():
+    """The decoder's sampler: each row's token marked in its own presence row; an inactive row
+    draws no noise from its generator (so a row's stream of random numbers is its own)."""
+    presence = torch.zeros(2, V, dtype=torch.bool)
+    params = RowParams.empty(2, "cpu")
+    gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    before = gens[1].get_state()
+    token = SlotDecoder._sample(torch.randn(2, V), presence, params, gens, [True, False])
+    assert presence[0, token[0]].item() and presence[1, token[1]].item() and presence.sum() == 2
+    assert torch.equal(gens[1].get_state(), before)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -13,7 +13,6 @@ from chatterbox_accel.checkpoints import tiny_t3
 from chatterbox_accel.t3.decode import T3Runner
 from chatterbox_accel.t3.graphs import CudaGraphStep, GuardedStep, install_step
 from chatterbox_accel.t3.model import rope_table, sdpa_attention
-from chatterbox_accel.t3.sampling import SamplingParams
 
 from conftest import fresh, holder
 
@@ -30,15 +29,22 @@ class FakeGraph:
 
 
 def fake_capture(inner):
-    def capture(state, params, cache, kv_len):
-        out = torch.zeros_like(state.token)
+    def capture(state, cache, kv_len):
+        out = inner(state, cache, kv_len).clone()  # capturing warms up: the shape of the output
 
         def run():
-            out.copy_(inner(state, params, cache, kv_len))
+            out.copy_(inner(state, cache, kv_len))
 
         return FakeGraph(run), out
 
     return capture
+
+
+def request(runner, t3, max_new):
+    t3_cond, text, _ = probe_inputs(t3, None, 1)
+    options = dict(cfg_weight=0.5, temperature=0.8, repetition_penalty=1.2, min_p=0.05, top_p=1.0)
+    with torch.inference_mode():
+        return runner.request(t3_cond, text, options, max_new)
 
 
 def test_graphs_are_invalidated_when_the_runner_reallocates_its_cache(tiny_t3):
@@ -46,37 +52,61 @@ def test_graphs_are_invalidated_when_the_runner_reallocates_its_cache(tiny_t3):
     and a graph would replay into freed buffers. Now the step holds the objects it captured on,
     and the runner invalidates it when it allocates a new cache."""
     runner = T3Runner(tiny_t3, attention=sdpa_attention)
-    step = CudaGraphStep(runner.decode_one_token, capture=fake_capture(runner.decode_one_token))
+    step = CudaGraphStep(runner.slot_logits, capture=fake_capture(runner.slot_logits))
     runner.step = GuardedStep(runner, step, "fake graphs")
-    t3_cond, text, _ = probe_inputs(tiny_t3, None, 1)
-    params = SamplingParams.make("cpu", cfg_weight=0.5, temperature=0.8, repetition_penalty=1.2, min_p=0.05, top_p=1.0)
-    with torch.inference_mode():
-        embeds = runner.build_prompt(t3_cond, text, 0.5)
-    runner.generate(embeds, params, 6)
-    first_cache = runner.cache
-    assert step.captures >= 1 and step.owners[2] is first_cache  # held, so its id cannot be reused
+    torch.manual_seed(0)
+    eager = runner.generate(request(runner, tiny_t3, 6))
+    runner.step = GuardedStep(runner, step, "fake graphs")
+    torch.manual_seed(0)
+    assert torch.equal(runner.generate(request(runner, tiny_t3, 6)), eager)  # replays do the step
+    first_view = runner.slot_cache(1, 1)
+    assert step.captures >= 1 and step.owners[1][1] is first_view  # held, so its id cannot be reused
     captures = step.captures
-    runner.generate(embeds, params, 6)
+    runner.generate(request(runner, tiny_t3, 6))
     assert step.captures == captures  # same buffers: replayed, not recaptured
-    runner.generate(embeds, params, 200)  # needs a longer cache: reallocated
-    assert runner.cache is not first_cache
-    assert step.owners[2] is runner.cache and step.captures > captures
+    runner.generate(request(runner, tiny_t3, 400))  # needs a longer cache: reallocated, graphs dropped
+    assert runner.slot_cache(1, 1) is not first_view
+    assert step.owners[1][1] is runner.slot_cache(1, 1) and step.captures > captures
     # Explicit invalidation empties the graphs whatever the ids.
     step.invalidate()
-    assert step.graphs == {} and step.owners is None
+    assert step.graphs == {} and step.owners == {}
 
 
 def test_graph_step_recaptures_for_other_buffers_even_with_a_recycled_id():
     """The ownership test is identity of held objects, never id() equality."""
     calls = []
-    step = CudaGraphStep(lambda *a: torch.zeros(1), capture=lambda s, p, c, k: (types.SimpleNamespace(
+    step = CudaGraphStep(lambda *a: torch.zeros(1), capture=lambda s, c, k: (types.SimpleNamespace(
         replay=lambda: calls.append(c)), torch.zeros(1)))
-    state = types.SimpleNamespace(token=torch.zeros(1))
-    params = types.SimpleNamespace(use_top_p=False)
+    state = types.SimpleNamespace(token=torch.zeros(1), slots=1)
     a, b = object(), object()
-    step(state, params, a, 64)
-    step(state, params, b, 64)
-    assert step.captures == 2 and step.owners[2] is b
+    step(state, a, 64)
+    step(state, a, 64)
+    step(state, b, 64)
+    assert step.captures == 2 and step.owners[1][1] is b and calls == [a, a, b]
+
+
+def test_graphs_are_kept_per_slot_count_and_captured_largest_first_at_warm_up():
+    """Batch buckets: a one-slot and an eight-slot decoder keep their own graphs (alternating
+    generate() and generate_batch() replays both, no recapture); capture_all takes a decoder's
+    kv buckets largest first over padding rows, and leaves its state as found."""
+    from chatterbox_accel.t3.batch import SlotState
+
+    seen = []
+
+    def capture(s, c, k):
+        seen.append((s.slots, k, s.pos.tolist()))
+        return types.SimpleNamespace(replay=lambda: None), torch.zeros(1)
+
+    step = CudaGraphStep(None, capture=capture)
+    one, eight, cache = SlotState.empty(1, "cpu"), SlotState.empty(8, "cpu"), object()
+    eight.pos.fill_(7)
+    step.capture_all(eight, cache, [64, 192, 128])
+    assert [k for _, k, _ in seen] == [192, 128, 64] and all(p == [0] * 8 for _, _, p in seen)
+    assert eight.pos.tolist() == [7] * 8
+    step(one, cache, 64)
+    step(eight, cache, 64)
+    step(one, cache, 64)
+    assert step.captures == 4 and set(step.owners) == {1, 8}
 
 
 def test_output_check_runs_through_the_installed_step(tiny_t3):
@@ -84,10 +114,8 @@ def test_output_check_runs_through_the_installed_step(tiny_t3):
     passed it. A step that returns wrong logits must now fail the check."""
     runner = T3Runner(tiny_t3, attention=sdpa_attention)
 
-    def broken(state, params, cache, kv_len):
-        token = runner.decode_one_token(state, params, cache, kv_len)
-        state.logits.mul_(1.5)  # what a miscompiled step might leave
-        return token
+    def broken(state, cache, kv_len):
+        return runner.slot_logits(state, cache, kv_len) * 1.5  # what a miscompiled step might give
 
     ok = run_output_check(tiny_t3, runner, None, steps=6, tolerance=1e-3)
     runner.step = broken
@@ -143,11 +171,9 @@ def test_warmup_allocates_the_cache_real_calls_use(tiny_t3, monkeypatch):
     model = holder(tiny_t3)
     accelerate(model, compile=True, check=False)
     runner = runner_of(model)
-    warmed = runner.cache
-    t3_cond, text, _ = probe_inputs(tiny_t3, None, 1)
-    with torch.inference_mode():
-        embeds = runner.build_prompt(t3_cond, text, 0.5)
-    assert runner.get_cache(2, embeds.shape[1] + 40 + 1000) is warmed  # a prompt 40 longer, 1000 new
+    warmed = runner.slot_cache(1, 1)
+    prompt = request(runner, tiny_t3, 1000).prompt_len
+    assert runner.slot_cache(1, prompt + 40 + 1000) is warmed  # a prompt 40 longer, 1000 new
 
 
 def oom():

@@ -1,22 +1,29 @@
-"""Batched T3 decoding over slots: many requests in one decode step.
+"""The engine's T3 decoder: requests in slots, one decode step over all of them.
 
-A `SlotDecoder` owns a static KV cache of `slots` request slots, 2 cache rows each (the CFG
-pair: conditional, then text-zeroed; a request with cfg_weight 0 keeps both rows and its
-combine `cond + 0 * (cond - uncond)` is exactly `cond`). Each slot has its own cache position,
-speech position, repetition-presence row, sampling options ((S, 1) device tensors), EOS and
-length limit, and (with a seed) a private `torch.Generator` that draws its sampling noise, so
-a row's tokens do not depend on its batch-mates.
+Every T3 decode of an English or Multilingual model runs here: `generate()` (through the
+patched `T3.inference`) and `generate_stream()` as a one-slot decoder, `generate_batch()` as a
+decoder of up to `max_batch` slots, and a server the same way, submitting requests while
+others decode.
 
-Requests join and leave at step boundaries: a queued request is prefilled into a free slot
-(its own P prompt positions, written through a view of the slot's rows) while the others wait
-that step; a row that samples EOS or reaches its `max_new_tokens` is returned and frees its
-slot. Every step is one forward over all slots (a free slot's row is computed and ignored: its
-position stays 0 and nothing it samples is kept), then one host read of the sampled ids for
-the whole batch (and, for Multilingual, of the alignment heads' maps, which upstream's
-analyzer reads per row).
+A `SlotDecoder` owns `slots` request slots of 2 cache rows each (the CFG pair: conditional,
+then text-zeroed; a request with cfg_weight 0 keeps both rows and its combine
+`cond + 0 * (cond - uncond)` is exactly `cond`). Per slot: cache position, speech position,
+repetition-presence row, sampling options ((S, 1) device tensors), EOS and length limit, and
+(with a seed) a private `torch.Generator` that draws its sampling noise, so a row's tokens do
+not depend on its batch-mates.
 
-Numerics per row are the single-request loop's (`decode.T3Runner`): same prompt, positions,
-CFG combine, processors and exponential-race sampling; only the matmul's row count differs.
+`submit()` queues a request; `step()` admits queued requests into free slots (each prefilled
+into its own rows while the others wait that step), runs one forward over all slots through
+the runner's installed step (eager, compiled or captured: `t3/graphs.py`), samples each row,
+and returns what each request got. A row that samples EOS or reaches its `max_new_tokens`
+leaves, freeing its slot; `cancel()` frees one early (a closed stream, a gone client). A free
+slot's rows are computed and ignored (padding rows: position 0 of their own rows, nothing they
+sample is kept). The host reads the sampled ids every `sync_every` steps (1 on a CPU, where a
+read is free; the tokens a row decodes past its EOS before the read are dropped).
+
+Numerics per row: the prompt and positions of `T3.inference`, the CFG combine, upstream's
+logits processors (`sampling.process_logits`) and the exponential race; only the matmul's row
+count differs between a row alone and in a batch.
 """
 from __future__ import annotations
 
@@ -26,14 +33,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .alignment import AnalyzerFeed, new_analyzer
-from .sampling import process_logits, validate
+from .sampling import process_logits, sample, validate
 
 ROW_OPTIONS = ("cfg_weight", "temperature", "repetition_penalty", "min_p", "top_p")
 
 
 @dataclass
 class T3Request:
-    """One utterance for the slot decoder: its prompt embeddings and how to sample it."""
+    """One utterance for the decoder: its prompt embeddings and how to sample it."""
 
     embeds: torch.Tensor                 # (2, P, C): the CFG pair's prompt, as T3Runner.build_prompt makes it
     options: dict                        # ROW_OPTIONS -> float
@@ -43,11 +50,20 @@ class T3Request:
     key: object = None                   # the caller's handle, returned with the tokens
 
     def __post_init__(self):
+        if self.embeds.dim() != 3 or self.embeds.shape[0] != 2:
+            raise ValueError("a T3Request's embeds must be the CFG pair (2, P, C); build them with cfg_weight > 0")
         validate(**{k: self.options[k] for k in ("temperature", "repetition_penalty", "min_p", "top_p")})
+        if int(self.max_new_tokens) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
     @property
     def prompt_len(self) -> int:
         return self.embeds.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        """Cache positions the request can fill: its prompt and every token it may decode."""
+        return self.prompt_len + self.max_new_tokens
 
 
 @dataclass
@@ -69,14 +85,26 @@ class RowParams:
         for name in ROW_OPTIONS:
             getattr(self, name)[slot] = float(options[name])
 
-    def refresh(self, active: list[bool]) -> None:
-        """The top-p sort runs when any active row filters (top_p 1 filters nothing, so its
-        rows are unchanged by it)."""
-        top_p = self.top_p[:, 0].tolist()
-        self.use_top_p = any(a and p < 1.0 for a, p in zip(active, top_p))
-
     def rows(self, start: int, stop: int) -> "RowParams":
         return RowParams(*(getattr(self, n)[start:stop] for n in ROW_OPTIONS), use_top_p=self.use_top_p)
+
+
+@dataclass
+class SlotState:
+    """What a decode step reads, per slot: (S,) device tensors updated in place. Their addresses
+    never change, so a captured step (a CUDA graph) replays over them."""
+
+    token: torch.Tensor       # (S,) the id fed this step
+    pos: torch.Tensor         # (S,) its cache position (0 for a free slot: its own rows' slot 0)
+    speech_pos: torch.Tensor  # (S,) its learned speech position
+
+    @classmethod
+    def empty(cls, slots: int, device) -> "SlotState":
+        return cls(*(torch.zeros(slots, dtype=torch.long, device=device) for _ in range(3)))
+
+    @property
+    def slots(self) -> int:
+        return self.token.shape[0]
 
 
 def cfg_combine_pairs(logits: torch.Tensor, cfg_weight: torch.Tensor) -> torch.Tensor:
@@ -96,17 +124,18 @@ def race(probs: torch.Tensor, generators: list, active: list[bool]) -> torch.Ten
     return noise
 
 
-def _shared_prefix(embeds: torch.Tensor) -> int:
+def shared_prefix(embeds: torch.Tensor) -> int:
     """How many leading positions the CFG pair's two rows have equal (keeping the last one
     out, so the suffix is never empty)."""
     differ = (embeds[0, :-1] != embeds[1, :-1]).any(dim=-1).nonzero()
     return int(differ[0, 0]) if differ.numel() else embeds.shape[1] - 1
 
 
-class _PrefixCache:
-    """Prefix K/V by the prefix's own embeddings (compared exactly), a few voices at a time."""
+class PrefixCache:
+    """Conditioning-prefix K/V by the prefix's own embeddings (compared exactly), a few voices at
+    a time. The runner keeps one, so a voice's prefix runs once across calls too."""
 
-    def __init__(self, size: int = 8):
+    def __init__(self, size: int = 4):
         self.entries: list = []
         self.size = size
 
@@ -121,6 +150,9 @@ class _PrefixCache:
         self.entries = [entry] + self.entries[: self.size - 1]
         return entry[1], entry[2]
 
+    def clear(self) -> None:
+        self.entries = []
+
 
 @dataclass
 class _Slot:
@@ -130,155 +162,177 @@ class _Slot:
 
 
 class SlotDecoder:
-    """Batched decoding for one `T3Runner` (its backbone, kernels, speech head and prompt)."""
+    """Batched decoding over `slots` slots for one `T3Runner` (its backbone, kernels, speech head,
+    prompt, installed step and cache). `runner.decoder(slots)` keeps one per slot count."""
 
-    def __init__(self, runner, slots: int):
-        if slots < 1:
-            raise ValueError(f"max_batch must be >= 1, got {slots}")
+    @torch.inference_mode()  # every tensor the decoder keeps is an inference tensor
+    def __init__(self, runner, slots: int, *, sync_every: int = 1):
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {slots!r}")
         self.runner, self.slots = runner, slots
         self.eos = runner.hp.stop_speech_token
         self.bos = runner.hp.start_speech_token
+        self.multilingual = bool(runner.heads)
+        # The analyzer reads each step's tokens on the host, so Multilingual reads every step.
+        self.sync_every = 1 if self.multilingual else max(1, int(sync_every))
+        device = runner.llama.device
+        self.state = SlotState.empty(slots, device)
+        self.presence = torch.zeros(slots, runner.hp.speech_tokens_dict_size, dtype=torch.bool, device=device)
+        self.params = RowParams.empty(slots, device)
+        self.rows: list[_Slot | None] = [None] * slots
+        self.queue: deque[T3Request] = deque()
+        self.cache = None
+        self.pending: list[torch.Tensor] = []  # sampled ids (S,) of steps the host has not read yet
         self.steps = 0  # decode steps run (for metrics)
 
-    def cache_for(self, slots: int, length: int):
-        """The runner's batch cache (2 rows per slot), allocated once and reused while it fits."""
-        runner = self.runner
-        length = -(-length // 256) * 256
-        cache = getattr(runner, "batch_cache", None)
-        llama = runner.llama
-        if cache is None or not cache.fits(2 * slots, length, llama.dtype, llama.device):
-            runner.batch_cache = None  # free the old buffers first
-            cache = runner.batch_cache = llama.new_cache(2 * slots, length)
-        return cache
+    # ---- requests -------------------------------------------------------------------------------
+    def submit(self, request: T3Request) -> None:
+        """Queue a request; it joins a free slot at a step boundary."""
+        if self.multilingual and request.text_len is None:
+            raise ValueError("a multilingual T3 decode needs text_len (its alignment analyzer reads it)")
+        self.queue.append(request)
 
-    def run(self, requests, progress=None):
-        """Decode every request; yields `(request, tokens)` as each finishes (1-D ids ending
-        at the first EOS if any, as `T3Runner.generate` gives them). `progress()` is called
-        once per finished request."""
-        requests = list(requests)
-        if not requests:
-            return
-        runner, llama, t3 = self.runner, self.runner.llama, self.runner.t3
-        device = llama.device
-        S = min(self.slots, len(requests))
-        cache = self.cache_for(S, max(r.prompt_len + r.max_new_tokens for r in requests))
-        V = runner.hp.speech_tokens_dict_size
-        long = dict(dtype=torch.long, device=device)
-        token, pos, speech_pos = (torch.zeros(S, **long) for _ in range(3))
-        presence = torch.zeros(S, V, dtype=torch.bool, device=device)
-        params = RowParams.empty(S, device)
-        slots: list[_Slot | None] = [None] * S
-        queue = deque(requests)
-        multilingual = bool(runner.heads)
+    def cancel(self, request: T3Request) -> None:
+        """Drop a request: out of the queue, or out of its slot (which is free from the next step)."""
+        if request in self.queue:
+            self.queue.remove(request)
+        for s, row in enumerate(self.rows):
+            if row is not None and row.request is request:
+                self._free(s)
 
-        prefixes = _PrefixCache()
+    def reset(self) -> None:
+        """Drop every request (queued or decoding)."""
+        self.queue.clear()
+        for s in range(self.slots):
+            if self.rows[s] is not None:
+                self._free(s)
 
-        def admit(s: int, request: T3Request):
-            if request.embeds.shape[0] != 2:
-                raise ValueError("a T3Request's embeds must be the CFG pair (2, P, C)")
-            P = request.prompt_len
-            logits = self._prefill(request.embeds, cache, s, prefixes)  # (2, V)
-            slot = slots[s] = _Slot(request)
-            if multilingual:
-                end = P - 2  # the prompt is conditioning + text + BOS + BOS (see T3Runner.analyzer_feed)
-                slot.feed = AnalyzerFeed(new_analyzer(t3, (end - request.text_len, end)), llama,
-                                         runner.heads, first_token=self.bos)
-            presence[s].zero_()
-            presence[s, self.bos] = True
-            params.set(s, request.options)
-            params.refresh([x is not None for x in slots])
-            combined = cfg_combine_pairs(logits, params.cfg_weight[s : s + 1])
-            if slot.feed is not None:
-                combined = slot.feed(combined)
-            first = self._sample(combined, presence[s : s + 1], params.rows(s, s + 1),
-                                 [request.generator], [True])
-            token[s] = first[0]
-            pos[s], speech_pos[s] = P, 1
-            slot.tokens.append(int(first[0]))
+    def drop_cache(self) -> None:
+        """The runner reallocated its cache: rows decoding in the old one are dropped (queued
+        requests stay), and the next admission takes the new one."""
+        for s in range(self.slots):
+            if self.rows[s] is not None:
+                self._free(s)
+        self.pending, self.cache = [], None
 
-        def finished(s: int) -> bool:
-            slot = slots[s]
-            return slot.tokens[-1] == self.eos or len(slot.tokens) >= slot.request.max_new_tokens
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue) or any(row is not None for row in self.rows)
 
-        with torch.inference_mode():
-            while queue or any(x is not None for x in slots):
-                for s in range(S):  # join: a free slot takes the next request (the others wait a step)
-                    while slots[s] is None and queue:
-                        admit(s, queue.popleft())
-                        if finished(s):  # one token (EOS first, or max_new_tokens 1)
-                            yield self._retire(slots, s, progress)
-                active = [x is not None for x in slots]
-                if not any(active):
-                    continue
-                params.refresh(active)
-                newest = max(x.request.prompt_len + len(x.tokens) - 1 for x in slots if x is not None)
-                logits = self._decode_logits(token, pos, speech_pos, cache, runner.kv_len_for(newest, cache))
-                combined = cfg_combine_pairs(logits, params.cfg_weight)
-                if multilingual:
-                    combined = self._analyze(combined, slots, active)
-                gens = [x.request.generator if x is not None else None for x in slots]
-                nxt = self._sample(combined, presence, params, gens, active)
-                self.steps += 1
-                ids = nxt.tolist()  # the step's one host read
-                on = torch.tensor(active, device=device)
-                token.copy_(torch.where(on, nxt, token))
-                pos.add_(on.long())
-                speech_pos.add_(on.long())
-                for s in range(S):  # leave: a finished row frees its slot
-                    if slots[s] is not None:
-                        slots[s].tokens.append(ids[s])
-                        if finished(s):
-                            yield self._retire(slots, s, progress)
-                            pos[s] = 0  # a free slot computes at position 0 of its own rows
+    # ---- one step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[tuple[T3Request, list[int], bool]]:
+        """Admit queued requests into free slots, then one decode step over every slot.
+        Returns `(request, new ids, finished)` for each request that got ids (a finished one's
+        end at its EOS, if it sampled one). With `sync_every` > 1 most steps return nothing:
+        their ids arrive with the step that reads them."""
+        events: dict[int, tuple] = {}
+        if not self.pending:  # admissions wait for the host to know every row's tokens
+            self._admit(events)
+        active = [row is not None for row in self.rows]
+        if any(active):
+            self._decode(active, events)
+        return list(events.values())
 
-    def _prefill(self, embeds, cache, s: int, prefixes: "_PrefixCache"):
-        """Prefill slot `s` with the CFG pair `embeds` (2, P, C); last-position logits (2, V).
+    def _admit(self, events) -> None:
+        for s in range(self.slots):
+            while self.rows[s] is None and self.queue:
+                if self.cache is None or self.cache.max_len < self.queue[0].max_len:
+                    if any(row is not None for row in self.rows):
+                        return  # a longer request waits for the decoder to drain, then the cache grows
+                    longest = max(r.max_len for r in self.queue)
+                    self.cache = None
+                    self.cache = self.runner.slot_cache(self.slots, longest)
+                request = self.queue.popleft()
+                self.rows[s] = _Slot(request)
+                self.rows[s].tokens.append(self._start(s, request))
+                self._record(events, s, self.rows[s].tokens[-1:])
 
-        The two rows share their first positions (the conditioning: speaker, prompt speech
-        tokens, emotion; the text, zeroed in the second row, is where they part), and requests
-        with the same voice share them too. That prefix runs once per voice, on one row, and its
-        K/V is copied into both rows of every slot that uses it; then both rows' own positions
-        run together. Every request takes this same path, cached prefix or not, so its numbers
-        do not depend on which requests came before it. (Multilingual: the spied maps are the
-        suffix's rows; the analyzer reads the text columns of the last rows only.)"""
-        llama = self.runner.llama
-        P = embeds.shape[1]
-        n = _shared_prefix(embeds)
-        if self.runner.heads or n == 0:  # multilingual: its analyzer reads the whole prefill's maps
-            return self.runner.prefill(embeds, cache.rows(2 * s, 2 * s + 2))
-        k, v = prefixes.get(embeds[0, :n])
-        if k is None:
-            row = cache.rows(2 * s, 2 * s + 1)
-            llama.forward(embeds[:1, :n].to(llama.dtype), torch.arange(n, device=embeds.device), row, n)
-            k, v = prefixes.put(embeds[0, :n], cache.k[:, 2 * s, :, :n], cache.v[:, 2 * s, :, :n])
-        for r in (2 * s, 2 * s + 1):
-            cache.k[:, r, :, :n].copy_(k)
-            cache.v[:, r, :, :n].copy_(v)
-        hidden = llama.forward(embeds[:, n:].to(llama.dtype), torch.arange(n, P, device=embeds.device),
-                               cache.rows(2 * s, 2 * s + 2), P)
-        return llama.linear(self.runner.speech_head, hidden[:, -1])
+    def _start(self, s: int, request: T3Request) -> int:
+        """Prefill `request` into slot `s` and sample its first token."""
+        runner, P = self.runner, request.prompt_len
+        logits = runner.prefill_slot(request.embeds, self.cache, s)  # (2, V)
+        row = self.rows[s]
+        if self.multilingual:
+            end = P - 2  # the prompt is conditioning + text + BOS + BOS (see T3Runner.analyzer_feed)
+            row.feed = AnalyzerFeed(new_analyzer(runner.t3, (end - request.text_len, end)), runner.llama,
+                                    runner.heads, first_token=self.bos)
+        self.presence[s].zero_()
+        self.presence[s, self.bos] = True  # the original's id list starts with BOS
+        self.params.set(s, request.options)
+        self.params.use_top_p = bool(request.options["top_p"] < 1.0)
+        combined = cfg_combine_pairs(logits, self.params.cfg_weight[s : s + 1])
+        if row.feed is not None:
+            combined = row.feed(combined)
+        first = self._sample(combined, self.presence[s : s + 1], self.params.rows(s, s + 1),
+                             [request.generator], [True])
+        self.state.token[s] = first[0]
+        self.state.pos[s], self.state.speech_pos[s] = P, 1
+        return int(first[0])
 
-    def _retire(self, slots, s, progress):
-        slot, slots[s] = slots[s], None
-        if progress is not None:
-            progress()
-        return slot.request, torch.tensor(slot.tokens, dtype=torch.long)
+    def _decode(self, active, events) -> None:
+        runner, state = self.runner, self.state
+        self.params.use_top_p = any(on and row.request.options["top_p"] < 1.0 for on, row in zip(active, self.rows))
+        newest = max(row.request.prompt_len + len(row.tokens) + len(self.pending) - 1
+                     for row in self.rows if row is not None)
+        logits = runner.step(state, self.cache, runner.kv_len_for(newest, self.cache))  # (2S, V)
+        combined = cfg_combine_pairs(logits, self.params.cfg_weight)
+        if self.multilingual:
+            combined = self._analyze(combined, active)
+        generators = [row.request.generator if row is not None else None for row in self.rows]
+        nxt = self._sample(combined, self.presence, self.params, generators, active)
+        self.steps += 1
+        on = torch.tensor(active, device=nxt.device)
+        state.token.copy_(torch.where(on, nxt, state.token))
+        state.pos.add_(on.long())
+        state.speech_pos.add_(on.long())
+        self.pending.append(nxt)
+        if len(self.pending) >= self.sync_every or self._must_sync():
+            self._sync(events)
 
-    def _decode_logits(self, token, pos, speech_pos, cache, kv_len: int):
-        """Feed each slot's last token at its own positions; speech logits (2S, V). Attention
-        reads `kv_len` slots (the newest active position's bucket); each row masks past its own."""
-        runner, llama, t3 = self.runner, self.runner.llama, self.runner.t3
-        emb = t3.speech_emb(token) + t3.speech_pos_emb.emb(speech_pos)  # (S, C)
-        x = emb.repeat_interleave(2, dim=0)[:, None].to(llama.dtype)  # (2S, 1, C): both CFG rows
-        input_pos = pos.repeat_interleave(2)[:, None]  # (2S, 1)
-        llama.spy_rows = True  # spied maps (multilingual): every row's, (2S, 1, kv_len)
-        try:
-            hidden = llama.forward(x, input_pos, cache, kv_len)
-        finally:
-            llama.spy_rows = False
-        return llama.linear(runner.speech_head, hidden[:, -1])
+    def _must_sync(self) -> bool:
+        """A row reaches its max_new_tokens with the ids not read yet (the host must free its slot
+        before it decodes past its cache), or a request waits for a slot."""
+        n = len(self.pending)
+        return bool(self.queue) or any(row is not None and len(row.tokens) + n >= row.request.max_new_tokens
+                                       for row in self.rows)
 
-    def _analyze(self, combined, slots, active):
+    def _sync(self, events) -> None:
+        """The one host read of the pending steps' ids; each row takes its ids up to its end."""
+        ids = torch.stack(self.pending).T.tolist()  # (S, steps)
+        self.pending = []
+        for s, row in enumerate(self.rows):
+            if row is None:
+                continue
+            new = []
+            for token in ids[s]:
+                row.tokens.append(token)
+                new.append(token)
+                if self._finished(row):
+                    break
+            self._record(events, s, new)
+
+    def _finished(self, row: _Slot) -> bool:
+        return row.tokens[-1] == self.eos or len(row.tokens) >= row.request.max_new_tokens
+
+    def _record(self, events, s: int, new: list[int]) -> None:
+        """Report slot `s`'s new ids (already in its tokens); a finished row frees its slot."""
+        row = self.rows[s]
+        done = self._finished(row)
+        if s in events and events[s][0] is row.request:  # admitted and read in the same step
+            new = events[s][1] + new
+        events[s] = (row.request, new, done)
+        if done:
+            self._free(s)
+
+    @torch.inference_mode()
+    def _free(self, s: int) -> None:
+        self.rows[s] = None
+        self.state.pos[s] = 0  # a free slot computes at position 0 of its own rows
+        self.state.token[s] = 0
+        self.state.speech_pos[s] = 0
+
+    def _analyze(self, combined, active):
         """Multilingual: each active row's upstream analyzer on its own maps (one host copy of
         the spied maps for the whole batch), between CFG and the processors, as T3.inference."""
         llama, heads = self.runner.llama, self.runner.heads
@@ -287,42 +341,88 @@ class SlotDecoder:
         for s, on in enumerate(active):
             row = combined[s : s + 1]
             if on:
-                feed = slots[s].feed
+                feed = self.rows[s].feed
                 feed.analyzer.last_aligned_attns = [m[s] for m in maps]
-                row = feed.analyzer.step(row, next_token=slots[s].tokens[-1])
+                row = feed.analyzer.step(row, next_token=self.rows[s].tokens[-1])
             rows.append(row)
         return torch.cat(rows)
 
     @staticmethod
     def _sample(combined, presence, params: RowParams, generators, active):
         scores = process_logits(combined, presence, params)
-        probs = torch.softmax(scores, dim=-1)
-        nxt = torch.argmax(probs / race(probs, generators, active), dim=-1)  # (S,)
+        nxt = sample(scores, noise=lambda probs: race(probs, generators, active))  # (S,)
         presence[torch.arange(len(active), device=combined.device), nxt] = True  # a free row's is reset on admit
         return nxt
 
+    # ---- whole decodes --------------------------------------------------------------------------
+    def run(self, requests, progress=None):
+        """Decode every request; yields `(request, tokens)` as each finishes (1-D ids ending at
+        the first EOS if any). `progress()` is called once per finished request."""
+        got = {}
+        for request in requests:
+            self.submit(request)
+            got[id(request)] = []
+        while self.busy:
+            for request, new, done in self.step():
+                got[id(request)] += new
+                if done:
+                    if progress is not None:
+                        progress()
+                    yield request, torch.tensor(got.pop(id(request)), dtype=torch.long)
+
+    def blocks(self, request: T3Request, first_block: int | None = None, block: int | None = None):
+        """Decode one request, yielding `(new ids (1-D), finished)` every `block` tokens
+        (`first_block` for the first yield; without sizes, one yield at the end). Closing the
+        generator early frees the request's slot."""
+        self.submit(request)
+        got, emitted, done = [], 0, False
+        target = first_block or request.max_new_tokens
+        try:
+            while True:
+                for r, new, finished in self.step():
+                    if r is request:
+                        got += new
+                        done = done or finished
+                if done or len(got) - emitted >= target:
+                    yield torch.tensor(got[emitted:], dtype=torch.long), done
+                    if done:
+                        return
+                    emitted, target = len(got), block or request.max_new_tokens
+        finally:
+            if not done:
+                self.cancel(request)
+
     @torch.inference_mode()
     def teacher_forced_logits(self, requests, forced: list[torch.Tensor]) -> list[torch.Tensor]:
-        """All requests in one batch (one slot each), each fed its `forced` tokens: the
+        """All requests in one batch (one slot each, `slots` >= their number), each fed its
+        `forced` tokens through the runner's INSTALLED step (what decoding runs): the
         CFG-combined logits (N_i + 1, V) after its prompt and after each forced token."""
-        runner, llama = self.runner, self.runner.llama
-        S, device = len(requests), llama.device
+        if len(requests) > self.slots:
+            raise ValueError(f"{len(requests)} requests for {self.slots} slots")
+        self.reset()
+        runner, state = self.runner, self.state
         steps = max(f.numel() for f in forced)
-        cache = self.cache_for(S, max(r.prompt_len for r in requests) + steps + 1)
-        cfg = torch.tensor([[float(r.options["cfg_weight"])] for r in requests], device=device)
-        outs, prefixes = [], _PrefixCache()
+        self.cache = runner.slot_cache(self.slots, max(r.prompt_len for r in requests) + steps + 1)
+        cfg = torch.ones(self.slots, 1, device=state.token.device)
+        outs = []
         for s, r in enumerate(requests):
-            logits = self._prefill(r.embeds, cache, s, prefixes)  # the prefill run() uses
+            cfg[s] = float(r.options["cfg_weight"])
+            logits = runner.prefill_slot(r.embeds, self.cache, s)  # the prefill decoding uses
             outs.append([cfg_combine_pairs(logits, cfg[s : s + 1])])
-        pos = torch.tensor([r.prompt_len for r in requests], device=device)
-        speech_pos = torch.ones(S, dtype=torch.long, device=device)
+            state.pos[s], state.speech_pos[s] = r.prompt_len, 1
         for n in range(steps):
-            token = torch.tensor([int(f[n]) if n < f.numel() else 0 for f in forced], device=device)
-            kv_len = runner.kv_len_for(int(pos.max()), cache)
-            combined = cfg_combine_pairs(self._decode_logits(token, pos, speech_pos, cache, kv_len), cfg)
+            for s, f in enumerate(forced):
+                state.token[s] = int(f[n]) if n < f.numel() else 0
+            kv_len = runner.kv_len_for(int(state.pos.max()), self.cache)
+            combined = cfg_combine_pairs(runner.step(state, self.cache, kv_len), cfg)
             for s, f in enumerate(forced):
                 if n < f.numel():
                     outs[s].append(combined[s : s + 1])
-            pos.add_(1)
-            speech_pos.add_(1)
+            state.pos[: len(requests)] += 1
+            state.speech_pos[: len(requests)] += 1
+        self._clear_state()
         return [torch.cat(o) for o in outs]
+
+    def _clear_state(self) -> None:
+        for t in (self.state.token, self.state.pos, self.state.speech_pos):
+            t.zero_()

@@ -1,43 +1,31 @@
-"""The fast T3 decode loop: prefill, `decode_one_token`, and the loop that checks EOS every k steps.
+"""The T3 model runner: prompt, prefill, the decode step's forward, and the static KV cache.
 
-It reproduces `T3.inference` (chatterbox 0.1.7) token for token in distribution:
+`T3Runner` is what the engine's decoder (`t3/batch.py`, `SlotDecoder`) runs a T3 through. It
+reproduces `T3.inference` (chatterbox 0.1.7) token for token in distribution:
 - prompt = conditioning + text (+ text position emb) + BOS@speech-pos 0, then BOS@0 once more
   (the original appends a second BOS embedding; we keep that quirk for parity);
-- CFG batch: row 0 conditional, row 1 with the text embedding zeroed (batch 1 when
-  cfg_weight == 0, which the original cannot run);
+- CFG pair: row 0 conditional, row 1 with the text embedding zeroed (with cfg_weight 0 the
+  pair is kept and weighted 0, which the original cannot run);
 - the token sampled at step i is fed back at speech position i + 1;
 - the output is (1, N) token ids ending with the first EOS, or N = max_new_tokens without one.
 
-Hot-path state is preallocated device tensors updated in place: cache position, speech
-position, repetition presence mask, EOS flag. The host reads the EOS flag every
-`eos_check_every` steps; the tokens decoded past the EOS are trimmed.
+The decode step's forward (`slot_logits`) reads per-slot device tensors and writes the cache in
+place, so its shapes never change: `t3/graphs.py` may replace `runner.step` with a compiled or
+captured version of it. Sampling runs after it, per row (`SlotDecoder`).
 """
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
-
 import torch
 
 from .alignment import AnalyzerFeed, aligned_heads, new_analyzer
+from .batch import PrefixCache, SlotDecoder, SlotState, T3Request, shared_prefix
 from .cache import StaticKVCache
 from .model import FastLlama
-from .sampling import SamplingParams, cfg_combine, sample_next
+from .sampling import cfg_combine
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DecodeState:
-    """Device tensors a decode step reads and updates in place (static for CUDA graphs)."""
-
-    token: torch.Tensor       # (1,) last sampled token
-    input_pos: torch.Tensor   # (1,) cache slot / RoPE position of `token`
-    speech_pos: torch.Tensor  # (1,) learned speech position of `token`
-    presence: torch.Tensor    # (1, V) bool: ids seen so far (repetition penalty)
-    done: torch.Tensor        # (1,) bool: EOS sampled
-    logits: torch.Tensor      # (2, V): the last step's speech logits (rows of its batch), read by the check
 
 
 class CachedRunner:
@@ -87,11 +75,13 @@ class CachedRunner:
 
 
 class T3Runner(CachedRunner):
-    """Fast decoding for one `T3` instance. Owns the static KV cache."""
+    """Fast decoding for one `T3` instance (English or Multilingual). Owns the KV cache, the
+    installed decode step and one `SlotDecoder` per slot count."""
 
-    def __init__(self, t3, *, attention, dtype=None, eos_check_every=1, kv_bucket: int | None = 64,
+    def __init__(self, t3, *, attention, dtype=None, sync_every=1, kv_bucket: int | None = 64,
                  static_cache=True):
-        """kv_bucket: attention reads the cache up to the next multiple of this past the newest
+        """sync_every: decode steps between host reads of the sampled ids (EOS checks).
+        kv_bucket: attention reads the cache up to the next multiple of this past the newest
         token (a few shapes: one CUDA graph each). None: always the whole cache (one shape,
         for torch.compile, which would otherwise recompile per bucket)."""
         self.t3 = t3
@@ -105,15 +95,16 @@ class T3Runner(CachedRunner):
         self.heads = aligned_heads() if self.hp.is_multilingual else []
         if self.heads:  # multilingual: the alignment analyzer reads these heads every step
             self.llama.spy_heads(self.heads)
-        self.eos_check_every = eos_check_every
+        self.sync_every = sync_every
         self.kv_bucket = kv_bucket
         self.static_cache = static_cache
-        self.cache: StaticKVCache | None = None
-        self._state: DecodeState | None = None  # reused across calls: stable addresses for graphs
-        self._params: SamplingParams | None = None
-        self._owner = None  # the decode that owns the cache now (see token_blocks)
+        self.cache: StaticKVCache | None = None  # 2 rows per slot, for the most slots asked for
+        self._views: dict[int, StaticKVCache] = {}  # slots -> the cache's first 2 * slots rows
+        self._decoders: dict[int, SlotDecoder] = {}
+        self.prefixes = PrefixCache()  # conditioning-prefix K/V per voice, across calls
+        self._owner = None  # the decode that owns the cache now (see claim)
         self.events: list[str] = []  # run-time fallbacks, as the model's report lists them
-        self.step = self.decode_one_token  # graphs.py may replace it with a compiled/captured step
+        self.step = self.slot_logits  # graphs.py may replace it with a compiled/captured step
 
     @property
     def backbone(self):
@@ -121,7 +112,8 @@ class T3Runner(CachedRunner):
 
     # ---- prompt -------------------------------------------------------------------------------
     def build_prompt(self, t3_cond, text_tokens, cfg_weight: float) -> torch.Tensor:
-        """Prefill embeddings (B, P, C), exactly as `T3.inference` builds them."""
+        """Prefill embeddings (B, P, C), exactly as `T3.inference` builds them (B = 2 with CFG;
+        the decoder always takes the pair: pass cfg_weight > 0 to build it)."""
         t3, device = self.t3, self.t3.device
         text_tokens = torch.atleast_2d(text_tokens).to(dtype=torch.long, device=device)
         batch = 2 if cfg_weight > 0.0 else 1
@@ -133,6 +125,16 @@ class T3Runner(CachedRunner):
         bos_embed = t3.speech_emb(bos[:1]) + t3.speech_pos_emb.get_fixed_embedding(0)  # (1, 1, C)
         return torch.cat([embeds, bos_embed.expand(batch, -1, -1)], dim=1)
 
+    def request(self, t3_cond, text_tokens, options: dict, max_new_tokens: int, generator=None,
+                key=None) -> T3Request:
+        """A decoder request for one text (text_tokens as `T3.inference` takes them)."""
+        text_tokens = torch.atleast_2d(text_tokens)
+        cfg = float(options["cfg_weight"])
+        embeds = self.build_prompt(t3_cond, text_tokens[:1], 1.0 if cfg == 0.0 else cfg)
+        return T3Request(embeds, {k: options[k] for k in ("cfg_weight", "temperature", "repetition_penalty",
+                                                          "min_p", "top_p")},
+                         int(max_new_tokens), generator, text_len=text_tokens.shape[-1], key=key)
+
     # ---- compute ------------------------------------------------------------------------------
     def prefill(self, embeds, cache) -> torch.Tensor:
         """Run the prompt; return the last position's speech logits (B, V)."""
@@ -141,61 +143,126 @@ class T3Runner(CachedRunner):
         hidden = self.llama.forward(embeds.to(self.llama.dtype), input_pos, cache, P)
         return self.llama.linear(self.speech_head, hidden[:, -1])
 
-    def decode_logits(self, state: DecodeState, cache, kv_len: int) -> torch.Tensor:
-        """Feed `state.token` at its positions; return speech logits (B, V)."""
-        t3 = self.t3
-        emb = t3.speech_emb(state.token) + t3.speech_pos_emb.emb(state.speech_pos)  # (1, C)
-        x = emb[None].expand(cache.batch, 1, -1).to(self.llama.dtype)  # (B, 1, C)
-        hidden = self.llama.forward(x, state.input_pos, cache, kv_len)
-        return self.llama.linear(self.speech_head, hidden[:, -1])
+    def prefill_slot(self, embeds, cache, s: int) -> torch.Tensor:
+        """Prefill slot `s` (rows 2s, 2s + 1 of `cache`) with the CFG pair `embeds` (2, P, C);
+        last-position logits (2, V).
 
-    def decode_one_token(self, state: DecodeState, params: SamplingParams, cache, kv_len: int,
-                         adjust=None):
-        """One step: logits -> sample -> update state in place (no host sync unless `adjust`,
-        the alignment analyzer, needs one)."""
-        logits = self.decode_logits(state, cache, kv_len)
-        state.logits[: logits.shape[0]].copy_(logits)
-        token = sample_next(logits, state.presence, params, adjust)
-        state.token.copy_(token)
-        state.done.logical_or_(token == self.hp.stop_speech_token)
-        state.input_pos.add_(1)
-        state.speech_pos.add_(1)
-        return token
+        The two rows share their first positions (the conditioning: speaker, prompt speech
+        tokens, emotion; the text, zeroed in the second row, is where they part), and requests
+        with the same voice share them too. That prefix runs once per voice, on one row, and its
+        K/V is copied into both rows of every slot that uses it; then both rows' own positions
+        run together. Every request takes this same path, cached prefix or not, so its numbers
+        do not depend on which requests came before it. (Multilingual: the analyzer reads the
+        whole prefill's attention maps, so its prompt runs whole.)"""
+        llama = self.llama
+        P = embeds.shape[1]
+        n = shared_prefix(embeds)
+        if self.heads or n == 0:
+            return self.prefill(embeds, cache.rows(2 * s, 2 * s + 2))
+        k, v = self.prefixes.get(embeds[0, :n])
+        if k is None:
+            row = cache.rows(2 * s, 2 * s + 1)
+            llama.forward(embeds[:1, :n].to(llama.dtype), torch.arange(n, device=embeds.device), row, n)
+            k, v = self.prefixes.put(embeds[0, :n], cache.k[:, 2 * s, :, :n], cache.v[:, 2 * s, :, :n])
+        for r in (2 * s, 2 * s + 1):
+            cache.k[:, r, :, :n].copy_(k)
+            cache.v[:, r, :, :n].copy_(v)
+        hidden = llama.forward(embeds[:, n:].to(llama.dtype), torch.arange(n, P, device=embeds.device),
+                               cache.rows(2 * s, 2 * s + 2), P)
+        return llama.linear(self.speech_head, hidden[:, -1])
 
-    # ---- loops --------------------------------------------------------------------------------
-    def new_state(self, prompt_len: int, device) -> DecodeState:
-        """The decode state for a fresh call, reset in place when one already exists."""
-        state = self._state
-        if state is None or state.token.device != device:
-            V = self.hp.speech_tokens_dict_size
-            long = dict(dtype=torch.long, device=device)
-            state = self._state = DecodeState(
-                token=torch.zeros(1, **long), input_pos=torch.zeros(1, **long),
-                speech_pos=torch.zeros(1, **long),
-                presence=torch.zeros(1, V, dtype=torch.bool, device=device),
-                done=torch.zeros(1, dtype=torch.bool, device=device),
-                logits=torch.zeros(2, V, dtype=self.llama.dtype, device=device),
-            )
-        state.token.zero_()
-        state.input_pos.fill_(prompt_len)
-        state.speech_pos.fill_(1)
-        state.presence.zero_()
-        state.presence[0, self.hp.start_speech_token] = True  # the original's id list starts with BOS
-        state.done.zero_()
-        return state
+    def slot_logits(self, state: SlotState, cache, kv_len: int) -> torch.Tensor:
+        """The decode step's forward: each slot's `state.token` at its own positions, both CFG
+        rows; speech logits (2S, V). Attention reads `kv_len` cache slots, each row masked past
+        its own position. No host sync: this is what a compiled or captured step runs."""
+        t3, llama = self.t3, self.llama
+        emb = t3.speech_emb(state.token) + t3.speech_pos_emb.emb(state.speech_pos)  # (S, C)
+        x = emb.repeat_interleave(2, dim=0)[:, None].to(llama.dtype)  # (2S, 1, C): both CFG rows
+        input_pos = state.pos.repeat_interleave(2)[:, None]  # (2S, 1)
+        llama.spy_rows = True  # spied maps (multilingual): every row's, (2S, 1, kv_len)
+        try:
+            hidden = llama.forward(x, input_pos, cache, kv_len)
+        finally:
+            llama.spy_rows = False
+        return llama.linear(self.speech_head, hidden[:, -1])
 
-    def static_params(self, params: SamplingParams) -> SamplingParams:
-        """Copy `params` into the runner's persistent parameter tensors."""
-        if self._params is None or self._params.temperature.device != params.temperature.device:
-            self._params = params
-        else:
-            self._params.copy_(params)
-        return self._params
+    # ---- cache and decoders -------------------------------------------------------------------
+    @torch.inference_mode()
+    def slot_cache(self, slots: int, length: int) -> StaticKVCache:
+        """A cache of `slots` slots (2 rows each) for `length` positions: a view of the runner's
+        one cache, allocated for the most slots and the longest length asked for so far (rounded
+        up to 256), kept across calls (static_cache=False: a new one per call)."""
+        length = _round_up(length, 256)
+        device, dtype = self.llama.device, self.llama.dtype
+        if not self.static_cache:
+            return self.llama.new_cache(2 * slots, length)
+        cache = self.cache
+        if cache is None or not (cache.batch >= 2 * slots and cache.max_len >= length
+                                 and cache.k.dtype == dtype and cache.k.device == torch.device(device)):
+            rows = max(2 * slots, cache.batch if cache is not None else 0)
+            length = max(length, cache.max_len if cache is not None else 0)
+            self.cache, self._views = None, {}  # free the old buffers before allocating larger ones
+            invalidate = getattr(self.step, "invalidate", None)
+            if invalidate is not None:  # captured graphs point into the old buffers
+                invalidate()
+            for decoder in self._decoders.values():  # their rows lived in the old buffers
+                decoder.drop_cache()
+            cache = self.cache = self.llama.new_cache(rows, length)
+        view = self._views.get(slots)
+        if view is None:
+            view = self._views[slots] = cache.rows(0, 2 * slots)
+        return view
 
-    def generate(self, embeds, params: SamplingParams, max_new_tokens: int, text_len: int | None = None):
-        """Sample up to `max_new_tokens` ids; returns (1, N), ending at the first EOS if any."""
-        blocks = self.token_blocks(embeds, params, max_new_tokens, text_len=text_len)
-        return torch.cat([ids for ids, _ in blocks])[None]
+    def get_cache(self, batch: int, length: int) -> StaticKVCache:
+        """The whole cache, at least `batch` rows (2 per slot) of `length` positions."""
+        self.slot_cache(-(-batch // 2), length)
+        return self.cache
+
+    def decoder(self, slots: int) -> SlotDecoder:
+        """The runner's decoder of `slots` slots (one per count: its state tensors are what a
+        captured step was captured on)."""
+        decoder = self._decoders.get(slots)
+        if decoder is None:
+            decoder = self._decoders[slots] = SlotDecoder(self, slots, sync_every=self.sync_every)
+        return decoder
+
+    def claim(self) -> object:
+        """Start a decode that owns the cache: requests of any other decode in flight on this
+        runner (a paused stream) are dropped, and that decode raises when it resumes."""
+        owner = self._owner = object()
+        for decoder in self._decoders.values():
+            decoder.reset()
+        return owner
+
+    def owns(self, owner) -> bool:
+        return self._owner is owner
+
+    # ---- one request, in blocks (generate(), generate_stream()) ---------------------------------
+    def token_blocks(self, request: T3Request, first_block: int | None = None, block: int | None = None):
+        """Decode one request on the one-slot decoder, yielding `(new ids (1-D), finished)` every
+        `block` tokens (`first_block` for the first yield); without sizes, one yield at the end.
+        The ids end at the first EOS, if any.
+
+        A generator holds the runner's cache between yields: a second decode on the same runner
+        while one is paused (another `generate()`, an interleaved stream, a batch) takes the cache
+        over, and the paused one raises instead of continuing on a foreign cache."""
+        owner = self.claim()
+        with torch.inference_mode():
+            blocks = self.decoder(1).blocks(request, first_block, block)
+            item = next(blocks)
+        while True:
+            yield item
+            if item[1]:
+                return
+            if not self.owns(owner):
+                raise RuntimeError("another generation ran on this model's T3 while this one was "
+                                   "paused; finish or close a stream before starting the next")
+            with torch.inference_mode():
+                item = next(blocks)
+
+    def generate(self, request: T3Request) -> torch.Tensor:
+        """(1, N) ids for one request, ending at the first EOS if any."""
+        return torch.cat([ids for ids, _ in self.token_blocks(request)])[None]
 
     def analyzer_feed(self, embeds, text_len: int | None) -> AnalyzerFeed | None:
         """Multilingual: a fresh upstream alignment analyzer for this decode (None otherwise).
@@ -209,80 +276,28 @@ class T3Runner(CachedRunner):
         analyzer = new_analyzer(self.t3, (end - text_len, end))
         return AnalyzerFeed(analyzer, self.llama, self.heads, first_token=self.hp.start_speech_token)
 
-    def token_blocks(self, embeds, params: SamplingParams, max_new_tokens: int,
-                     first_block: int | None = None, block: int | None = None,
-                     text_len: int | None = None):
-        """Decode, yielding `(new ids (1-D), finished)` every `block` tokens (`first_block` for
-        the first yield); without sizes, one yield at the end. The ids end at the first EOS, if any.
-        `text_len` (text tokens in the prompt) is needed by the multilingual alignment analyzer.
-
-        A generator holds the runner's static cache between yields: a second decode on the same
-        runner while one is paused (another `generate()`, an interleaved stream) takes the cache
-        over, and the paused one raises instead of continuing on a foreign cache.
-        """
-        owner = self._owner = object()
-        with torch.inference_mode():
-            B, P, _ = embeds.shape
-            cache = self.get_cache(B, P + max_new_tokens)
-            state = self.new_state(P, embeds.device)
-            params = self.static_params(params)
-            feed = self.analyzer_feed(embeds, text_len)
-            tokens = torch.empty(max_new_tokens, dtype=torch.long, device=embeds.device)
-            first = sample_next(self.prefill(embeds, cache), state.presence, params, feed)
-            state.token.copy_(first)
-            state.done.copy_(first == self.hp.stop_speech_token)
-            tokens[0:1].copy_(first)
-        n, emitted, target = 1, 0, first_block or max_new_tokens
-        while True:
-            finished = n >= max_new_tokens or (n % self.eos_check_every == 0 and bool(state.done))
-            if finished or n - emitted >= target:
-                out = tokens[emitted:n]
-                if finished or bool(state.done):
-                    out = trim_at_eos(out, self.hp.stop_speech_token)
-                    finished = True
-                yield (out.clone() if block else out), finished
-                if finished:
-                    return
-                if self._owner is not owner:
-                    raise RuntimeError("another generation ran on this model's T3 while this one was "
-                                       "paused; finish or close a stream before starting the next")
-                emitted, target = n, block or max_new_tokens
-            with torch.inference_mode():
-                kv_len = self.kv_len_for(P + n - 1, cache)
-                if feed is None:
-                    tokens[n : n + 1].copy_(self.step(state, params, cache, kv_len))
-                else:  # the analyzer's host logic sits between forward and sampling
-                    feed.last_token = int(tokens[n - 1])
-                    tokens[n : n + 1].copy_(self.decode_one_token(state, params, cache, kv_len, feed))
-            n += 1
-
     @torch.inference_mode()
     def step_forced_logits(self, embeds, forced: torch.Tensor, cfg_weight: float) -> torch.Tensor:
-        """As `teacher_forced_logits`, but each decode step runs through the INSTALLED step
-        (`self.step`: compiled, captured or eager, whatever generate() uses), which leaves its
-        logits in the state; the forced token is written over the one it sampled."""
-        B, P, _ = embeds.shape
-        cache = self.get_cache(B, P + forced.numel() + 1)
-        state = self.new_state(P, embeds.device)
-        params = self.static_params(SamplingParams.make(
-            embeds.device, cfg_weight=cfg_weight, temperature=1.0, repetition_penalty=1.0, min_p=0.0, top_p=1.0))
-        out = [cfg_combine(self.prefill(embeds, cache), params.cfg_weight)]
-        for n, token in enumerate(forced.view(-1)):
-            state.token.copy_(token.view(1))
-            self.step(state, params, cache, self.kv_len_for(P + n, cache))
-            out.append(cfg_combine(state.logits[:B], params.cfg_weight))
-        return torch.cat(out, dim=0)
+        """CFG-combined logits (N+1, V) after the prompt and after each forced token, each decode
+        step through the INSTALLED step (compiled, captured or eager, whatever decoding uses),
+        on the one-slot decoder decoding uses."""
+        self.claim()
+        options = dict(cfg_weight=cfg_weight, temperature=1.0, repetition_penalty=1.0, min_p=0.0, top_p=1.0)
+        pair = embeds if embeds.shape[0] == 2 else embeds.expand(2, -1, -1)
+        request = T3Request(pair, options, max(1, forced.numel()))
+        return self.decoder(1).teacher_forced_logits([request], [forced.view(-1)])[0]
 
     @torch.inference_mode()
     def teacher_forced_logits(self, embeds, forced: torch.Tensor, cfg_weight: float,
                               maps: dict | None = None) -> torch.Tensor:
-        """CFG-combined logits (N+1, V) after the prompt and after each forced token (N,).
-        `maps` (multilingual): filled with {layer: (P+N, P+N)} attention maps of the heads the
-        alignment analyzer reads, row by row as the decode produced them."""
+        """The eager forward (no installed step, no decoder), for parity tests and the
+        multilingual check: CFG-combined logits (N+1, V) after the prompt and after each forced
+        token (N,). `maps` (multilingual): filled with {layer: (P+N, P+N)} attention maps of the
+        heads the alignment analyzer reads, row by row as the decode produced them."""
+        self.claim()
         B, P, _ = embeds.shape
         total = P + forced.numel()
-        cache = self.get_cache(B, total + 1)
-        state = self.new_state(P, embeds.device)
+        cache = self.llama.new_cache(B, _round_up(total + 1, 256))
         cfg = torch.tensor(float(cfg_weight), device=embeds.device)
         rows = {layer: [] for layer, _ in self.heads}
 
@@ -293,12 +308,16 @@ class T3Runner(CachedRunner):
 
         out = [cfg_combine(self.prefill(embeds, cache), cfg)]
         keep_maps()
+        pos = torch.tensor([P], device=embeds.device)
+        speech_pos = torch.ones(1, dtype=torch.long, device=embeds.device)
         for n, token in enumerate(forced.view(-1)):
-            state.token.copy_(token.view(1))
-            out.append(cfg_combine(self.decode_logits(state, cache, self.kv_len_for(P + n, cache)), cfg))
+            emb = self.t3.speech_emb(token.view(1)) + self.t3.speech_pos_emb.emb(speech_pos)  # (1, C)
+            x = emb[None].expand(B, 1, -1).to(self.llama.dtype)
+            hidden = self.llama.forward(x, pos, cache, self.kv_len_for(P + n, cache))
+            out.append(cfg_combine(self.llama.linear(self.speech_head, hidden[:, -1]), cfg))
             keep_maps()
-            state.input_pos.add_(1)
-            state.speech_pos.add_(1)
+            pos.add_(1)
+            speech_pos.add_(1)
         if maps is not None:
             maps.update({layer: torch.cat(r) for layer, r in rows.items()})
         return torch.cat(out, dim=0)

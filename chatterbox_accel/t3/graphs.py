@@ -1,8 +1,12 @@
 """The one place that compiles or captures the T3 decode step.
 
+The step is the decoder's forward, `runner.step(state, cache, kv_len) -> logits (2S, V)`
+(`T3Runner.slot_logits`): slot tokens and positions in, the cache written in place, no host
+sync. Sampling runs after it, eagerly, per row (each row may own a generator).
+
 `install_step(runner, ...)` picks the step implementation, most to least ambitious:
   CUDA graph of (compiled or eager) step  ->  torch.compile'd step  ->  eager step.
-Each stage is tried on a real warm-up step; if it raises, the next one down is used and the
+Each stage is tried on real warm-up decodes; if it raises, the next one down is used and the
 reason is returned for the report. At run time `GuardedStep` drops back to the eager step if a
 compiled/captured step ever fails, so generation never dies on an optimization.
 """
@@ -22,16 +26,16 @@ class GuardedStep:
         self.runner, self.fast, self.name = runner, fast, name
         self.error: str | None = None
 
-    def __call__(self, state, params, cache, kv_len):
+    def __call__(self, state, cache, kv_len):
         try:
-            return self.fast(state, params, cache, kv_len)
+            return self.fast(state, cache, kv_len)
         except Exception as exc:  # an optimization must never kill generation
             self.error = f"{type(exc).__name__}: {exc}"
             logger.warning("chatterbox_accel: %s decode step failed (%s); using the eager step. "
                            "Pass compile=False, cuda_graphs=False to skip it.", self.name, self.error)
-            self.runner.step = self.runner.decode_one_token
+            self.runner.step = self.runner.slot_logits
             report_fallback(self.runner, f"{self.name} step", self.error)
-            return self.runner.decode_one_token(state, params, cache, kv_len)
+            return self.runner.slot_logits(state, cache, kv_len)
 
     def invalidate(self) -> None:
         invalidate = getattr(self.fast, "invalidate", None)
@@ -47,57 +51,71 @@ def report_fallback(runner, what: str, error: str) -> None:
 
 
 class CudaGraphStep:
-    """One CUDA graph per (kv_len bucket, top_p on/off), replayed over static state tensors.
+    """One CUDA graph per (slot count, kv_len bucket), replayed over a decoder's static state.
 
-    The runner reuses one `DecodeState`, one `SamplingParams` and one cache across calls, so
-    their addresses are stable. The graphs hold those objects (not their `id()`s, which a new
-    allocation can reuse after the old one is freed, and a graph would then replay into freed
-    memory), are dropped when a call brings other ones, and `invalidate()` drops them
-    explicitly: the runner calls it whenever it reallocates its cache. `capture` (tests: a fake)
-    makes (graph with .replay(), output) for one shape.
+    A runner keeps one decoder (one `SlotState`) per slot count and one cache, so their
+    addresses are stable across calls. The graphs hold those objects (not their `id()`s, which
+    a new allocation can reuse after the old one is freed, and a graph would then replay into
+    freed memory); a call with other ones drops that slot count's graphs, and `invalidate()`
+    drops them all: the runner calls it whenever it reallocates its cache. Free slots are
+    padding rows: token 0 at position 0 of their own rows (neutral: nothing reads them). All
+    graphs share one memory pool; `capture_all` captures a slot count's kv buckets, largest
+    first, at warm-up. `capture` (tests: a fake) makes (graph with .replay(), output) for one shape.
     """
 
     def __init__(self, inner, capture=None):
         self.inner = inner
-        self.graphs: dict = {}
+        self.graphs: dict = {}   # (slots, kv_len) -> (graph, logits)
+        self.owners: dict = {}   # slots -> (state, cache) its graphs were captured on
         self.pool = None
-        self.owners: tuple | None = None  # (state, params, cache) the graphs were captured on
         self.captures = 0
         self._make = capture or self._capture
 
     def invalidate(self) -> None:
         self.graphs.clear()
-        self.owners = None
+        self.owners.clear()
 
-    def __call__(self, state, params, cache, kv_len):
-        owners = (state, params, cache)
-        if self.owners is None or any(a is not b for a, b in zip(owners, self.owners)):
-            self.invalidate()  # other buffers: graphs captured on the old ones must never replay
-            self.owners = owners
-        key = (kv_len, params.use_top_p)
+    def __call__(self, state, cache, kv_len):
+        slots = state.slots
+        owners = self.owners.get(slots)
+        if owners is None or owners[0] is not state or owners[1] is not cache:
+            # other buffers: graphs captured on the old ones must never replay
+            self.graphs = {k: v for k, v in self.graphs.items() if k[0] != slots}
+            self.owners[slots] = (state, cache)
+        key = (slots, kv_len)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self.graphs[key] = self._make(state, params, cache, kv_len)
+            entry = self.graphs[key] = self._make(state, cache, kv_len)
             self.captures += 1
         graph, out = entry
         graph.replay()
         return out
 
-    def _capture(self, state, params, cache, kv_len):
-        # Warm up on a side stream (allocator and autotuning settle), then restore the state
-        # the warm-up advanced, then capture. Capturing runs no kernels, so the caller's
-        # replay performs the real step.
-        saved = {name: t.clone() for name, t in vars(state).items()}
+    def capture_all(self, state, cache, kv_lens) -> None:
+        """Capture every kv bucket of one decoder now, largest first (the pool is sized by the
+        first), so no capture happens in the middle of a request. The state is left as found."""
+        saved = [t.clone() for t in (state.token, state.pos, state.speech_pos)]
+        for t in (state.token, state.pos, state.speech_pos):
+            t.zero_()  # padding rows: each writes position 0 of its own rows
+        try:
+            for kv_len in sorted(set(kv_lens), reverse=True):
+                self(state, cache, kv_len)
+        finally:
+            for t, v in zip((state.token, state.pos, state.speech_pos), saved):
+                t.copy_(v)
+
+    def _capture(self, state, cache, kv_len):
+        # Warm up on a side stream (allocator and autotuning settle), then capture. The forward
+        # writes the cache at the slots' positions, the same values the replay writes; capturing
+        # runs no kernels, so the caller's replay performs the real step.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.inner(state, params, cache, kv_len)
+            self.inner(state, cache, kv_len)
         torch.cuda.current_stream().wait_stream(stream)
-        for name, t in vars(state).items():
-            t.copy_(saved[name])
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.inner(state, params, cache, kv_len)
+            out = self.inner(state, cache, kv_len)
         self.pool = graph.pool()
         return graph, out
 
@@ -112,12 +130,12 @@ def install_step(runner, *, compile_step: bool, mode: str, cuda_graphs: bool, wa
                                                     f"{runner.backbone.device.type}); compiled with mode='default'")
         mode = "default"
     if compile_step:
-        compiled = torch.compile(runner.decode_one_token, mode=mode, fullgraph=False, dynamic=False)
+        compiled = torch.compile(runner.slot_logits, mode=mode, fullgraph=False, dynamic=False)
         if cuda_graphs and mode != "reduce-overhead":
             candidates.append(("t3.compile+cuda_graphs", CudaGraphStep(compiled)))
         candidates.append((f"t3.compile[{mode}]", compiled))
     elif cuda_graphs:
-        candidates.append(("t3.cuda_graphs", CudaGraphStep(runner.decode_one_token)))
+        candidates.append(("t3.cuda_graphs", CudaGraphStep(runner.slot_logits)))
     for name, step in candidates:
         runner.step = step
         try:
@@ -130,5 +148,5 @@ def install_step(runner, *, compile_step: bool, mode: str, cuda_graphs: bool, wa
         runner.step = GuardedStep(runner, step, name)
         applied.append(name)
         return {"applied": applied, "fallbacks": fallbacks}
-    runner.step = runner.decode_one_token
+    runner.step = runner.slot_logits
     return {"applied": applied, "fallbacks": fallbacks}

@@ -10,7 +10,6 @@ import logging
 
 import torch
 
-from .sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -116,14 +115,8 @@ class FastInference:
         """`(ids, finished)` blocks of one fast decode (see `T3Runner.token_blocks`)."""
         opts = {**INFERENCE_DEFAULTS, **opts}
         runner = self.runner
-        cfg_weight = float(opts["cfg_weight"])
         max_new = opts["max_new_tokens"] or runner.hp.max_speech_tokens
         check_lengths(runner.hp, opts["text_tokens"], max_new)
         with torch.inference_mode():
-            params = SamplingParams.make(
-                runner.t3.device, cfg_weight=cfg_weight, temperature=opts["temperature"],
-                repetition_penalty=opts["repetition_penalty"], min_p=opts["min_p"], top_p=opts["top_p"],
-            )
-            embeds = runner.build_prompt(opts["t3_cond"], opts["text_tokens"], cfg_weight)
-        text_len = torch.atleast_2d(opts["text_tokens"]).shape[-1]
-        return runner.token_blocks(embeds, params, int(max_new), first_block, block, text_len=text_len)
+            request = runner.request(opts["t3_cond"], opts["text_tokens"], opts, int(max_new))
+        return runner.token_blocks(request, first_block, block)

@@ -4,7 +4,9 @@ Matches, in this order, what `T3.inference` does with transformers' processors:
 CFG combine -> repetition penalty over every id generated so far (BOS included) ->
 temperature -> min_p -> top_p -> softmax -> sample.
 
-Repetition state is a (1, V) presence mask updated in place, instead of a growing id list.
+Repetition state is a (B, V) presence mask updated in place, instead of a growing id list.
+The options are (B, 1) tensors per row in the decoder (`batch.RowParams`), or 0-d ones
+(`SamplingParams`, one request).
 Sampling uses the exponential race `argmax(p / E)`, E ~ Exp(1), which draws exactly from `p`
 and, unlike `torch.multinomial`, is safe inside CUDA graphs.
 """
@@ -79,21 +81,10 @@ def process_logits(logits: torch.Tensor, presence: torch.Tensor, p: SamplingPara
     return scores
 
 
-def sample(scores: torch.Tensor) -> torch.Tensor:
-    """(1, V) scores -> (1,) token id, drawn from softmax(scores) without a host sync."""
+def sample(scores: torch.Tensor, noise=None) -> torch.Tensor:
+    """(B, V) scores -> (B,) token ids, drawn from softmax(scores) without a host sync: the
+    exponential race argmax(p / E), E ~ Exp(1) from the global RNG, or from `noise(probs)` (the
+    decoder's per-row generators)."""
     probs = torch.softmax(scores, dim=-1)
-    race = torch.empty_like(probs).exponential_(1)
+    race = noise(probs) if noise is not None else torch.empty_like(probs).exponential_(1)
     return torch.argmax(probs / race, dim=-1)
-
-
-def sample_next(logits, presence, params: SamplingParams, adjust=None) -> torch.Tensor:
-    """CFG logits (B, V) -> next token (1,); marks it in `presence` (1, V) in place.
-    `adjust`: called on the CFG-combined logits before the processors (the multilingual
-    alignment analyzer); it returns the logits to use."""
-    combined = cfg_combine(logits, params.cfg_weight)
-    if adjust is not None:
-        combined = adjust(combined)
-    scores = process_logits(combined, presence, params)
-    token = sample(scores)
-    presence.index_fill_(1, token, True)
-    return token
