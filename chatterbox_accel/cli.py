@@ -26,6 +26,8 @@ import time
 import warnings
 from pathlib import Path
 
+from .families import FAMILIES as FAMILY_TABLE, FAMILY_CLASSES
+
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_HUB = 0, 1, 2, 3
 _RESULTS = sys.stdout  # where results go: main() keeps the real stdout here
 FAMILIES = ("english", "multilingual", "turbo")
@@ -401,11 +403,7 @@ def _existing_checkpoint(folder: Path, settings: dict, overwrite: bool, family: 
 
 
 # ---- helpers: loading and running ---------------------------------------------------------------
-FAMILY_CLASSES = {"english": ("chatterbox.tts", "ChatterboxTTS"),
-                  "multilingual": ("chatterbox.mtl_tts", "ChatterboxMultilingualTTS"),
-                  "turbo": ("chatterbox.tts_turbo", "ChatterboxTurboTTS")}
-FAMILY_REPOS = {"english": "ResembleAI/chatterbox", "multilingual": "ResembleAI/chatterbox",
-                "turbo": "ResembleAI/chatterbox-turbo"}
+FAMILY_REPOS = {name: FAMILY_TABLE[name].repo for name in FAMILIES}
 
 
 def _files_of(family: str) -> tuple:

@@ -57,10 +57,10 @@ STAGE_NAMES = ("conditioning", "t3", "s3gen", "watermark")
 
 def stages_of(model) -> tuple:
     """(stage name, attribute of the model holding the method (None: the model), method name)."""
-    from .families import family_of, voice_method_of
+    from .families import family, voice_method_of
 
-    family = family_of(model)
-    t3 = None if family == "vc" else ("t3", "t3", "inference_turbo" if family == "turbo" else "inference")
+    row = family(model)
+    t3 = ("t3", "t3", row.t3_method) if row is not None and row.t3_method else None
     stages = (("conditioning", None, voice_method_of(model) or "prepare_conditionals"), t3,
               ("s3gen", "s3gen", "inference"), ("watermark", "watermarker", "apply_watermark"))
     return tuple(s for s in stages if s is not None)
@@ -221,13 +221,13 @@ def bench_generate(model, text: str, *, voice=None, repeats: int = 3, warmup: in
 def run_once(model, text: str, voice=None, *, original: bool, **generate_kwargs) -> Run:
     """One timed `generate()`; `original=True` lifts the accelerator's patches for the call."""
     from .api import _model_device
-    from .families import family_of
+    from .families import family
 
     device = _model_device(model)
     stages: dict = {name: 0.0 for name in STAGE_NAMES}
     tokens, patched = [], []
     lifted = lifted_patches(model) if original else contextlib.nullcontext()
-    voice_arg = "target_voice_path" if family_of(model) == "vc" else "audio_prompt_path"
+    voice_arg = getattr(family(model), "voice_arg", "audio_prompt_path")
     with lifted, _timed_stages(model, stages, tokens, patched, device), PeakMemory(device) as memory:
         start = time.perf_counter()
         wav = model.generate(text, **{voice_arg: voice}, **generate_kwargs)

@@ -9,7 +9,7 @@ share the work:
 - T3 (English, Multilingual): the runner's `t3.batch.SlotDecoder` (the one `generate()` and
   `generate_stream()` decode through, with one slot), `max_batch` requests decoding at once in
   slots they join and leave at step boundaries (more texts than slots keep the slots full).
-  Turbo's T3 runs request by request (its loop is the GPT-2 one, t3/turbo.py; not batched yet).
+  Turbo's T3 the same way with one row per slot (its GPT-2 step, t3/turbo.py).
 - S3Gen: `s3gen_batch.flow_mels`, up to `max_batch` rows per flow call, each with its own voice,
   tokens and noise; HiFT and the watermark per row.
 - Randomness: a request with a `seed` owns a `torch.Generator`: its T3 sampling, its CFM noise
@@ -32,17 +32,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .families import family_of
+from .families import FAMILIES, REQUIRED, family_of, generate_options
 from .s3gen_batch import flow_mels, on_device, row_noise, vocode
 from .s3gen_fast import modes_of
-from .stream import (MULTILINGUAL_MAX_NEW_TOKENS, SPEECH_VOCAB, _check_language, _generate_options,
-                     _REQUIRED, text_tokens_for, with_exaggeration)
+from .stream import SPEECH_VOCAB, _check_language, text_tokens_for, with_exaggeration
 from .t3.patch import check_lengths
 from .t3.sampling import validate
 
 logger = logging.getLogger(__name__)
 
-BATCH_FAMILIES = ("english", "multilingual", "turbo")
+BATCH_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.batches)
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_NEW_TOKENS = 1000  # what generate() hard-codes (English, Multilingual; Turbo's max_gen_len)
 _private_runners: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # T3 -> T3Runner (not accelerated)
@@ -138,7 +137,7 @@ def _rows(model, texts, audio_prompt_path, seed, options) -> list[_Row]:
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"texts[{i}] is {text!r}; every text must be a non-empty string")
     n = len(texts)
-    defaults = {k: v for k, v in _generate_options(model).items() if k != "audio_prompt_path"}
+    defaults = {k: v for k, v in generate_options(model).items() if k != "audio_prompt_path"}
     defaults.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     unknown = sorted(set(options) - set(defaults))
     if unknown:
@@ -149,7 +148,7 @@ def _rows(model, texts, audio_prompt_path, seed, options) -> list[_Row]:
     rows = []
     for i, text in enumerate(texts):
         opts = {k: col[i] for k, col in columns.items()}
-        missing = [k for k, v in opts.items() if v is _REQUIRED]
+        missing = [k for k, v in opts.items() if v is REQUIRED]
         if missing:
             raise ValueError(f"generate_batch needs {missing} (generate() has no default for them)")
         if seeds[i] is not None and (isinstance(seeds[i], bool) or not isinstance(seeds[i], int)):
@@ -251,7 +250,7 @@ def _run(model, family, rows, max_batch, metrics, progress) -> list[Result]:
             _voices(model, family, rows)
             t = time.perf_counter()
             if family == "turbo":
-                _turbo_tokens(model, rows, bar)
+                _turbo_tokens(model, rows, max_batch, metrics, bar)
             else:
                 _llama_tokens(model, family, rows, max_batch, metrics, bar)
             metrics.t3_seconds = time.perf_counter() - t
@@ -311,7 +310,6 @@ def _voices(model, family, rows):
 def _runner(model):
     """The accelerated model's T3 runner, or a private one (the model is not patched)."""
     from .patching import state_of
-    from .t3.decode import T3Runner
     from .t3.model import sdpa_attention
 
     fast = state_of(model, "t3_inference")
@@ -319,8 +317,23 @@ def _runner(model):
         return state_of(model, "t3_runner")
     runner = _private_runners.get(model.t3)
     if runner is None:
-        runner = _private_runners[model.t3] = T3Runner(model.t3, attention=sdpa_attention)
+        if getattr(model.t3, "is_gpt", False):
+            from .t3.turbo import TurboRunner as Runner
+        else:
+            from .t3.decode import T3Runner as Runner
+        runner = _private_runners[model.t3] = Runner(model.t3, attention=sdpa_attention)
     return runner
+
+
+def _decode(runner, requests, max_batch, metrics, bar):
+    """Every request through the runner's decoder of min(max_batch, N) slots; yields (request,
+    tokens) as each finishes."""
+    runner.claim()  # a paused stream on this model's T3 loses its slot (it raises if resumed)
+    decoder = runner.decoder(min(max_batch, len(requests)))
+    steps = decoder.steps
+    yield from decoder.run(requests, progress=bar.update)
+    metrics.t3_steps = decoder.steps - steps
+    metrics.kv_cache_bytes = runner.cache.nbytes
 
 
 def _llama_tokens(model, family, rows, max_batch, metrics, bar):
@@ -333,49 +346,50 @@ def _llama_tokens(model, family, rows, max_batch, metrics, bar):
             o = row.options
             text_tokens = text_tokens_for(model, row.text, float(o["cfg_weight"]), o.get("language_id"))
             check_lengths(model.t3.hp, text_tokens, o["max_new_tokens"])
-            max_new = o["max_new_tokens"] if family == "english" else min(o["max_new_tokens"], MULTILINGUAL_MAX_NEW_TOKENS)
+            max_new = o["max_new_tokens"] if family == "english" else min(o["max_new_tokens"],
+                                                                          FAMILIES[family].t3_max_new_tokens)
             # Always the CFG pair: with cfg_weight 0 the unconditional row is computed and weighted 0.
             requests.append(runner.request(row.conds.t3, text_tokens, o, int(max_new), row.generator, key=row))
-    runner.claim()  # a paused stream on this model's T3 loses its slot (it raises if resumed)
-    decoder = runner.decoder(min(max_batch, len(requests)))
-    steps = decoder.steps
-    for request, tokens in decoder.run(requests, progress=bar.update):
+    for request, tokens in _decode(runner, requests, max_batch, metrics, bar):
         row = request.key
         row.extras["t3_tokens"] = tokens.numel()
         speech = drop_invalid_tokens(tokens)
         if family == "english":
             speech = speech[speech < SPEECH_VOCAB]
         row.tokens = speech
-    metrics.t3_steps = decoder.steps - steps
-    metrics.kv_cache_bytes = runner.cache.nbytes
 
 
-def _turbo_tokens(model, rows, bar):
-    """Turbo: T3 request by request through the model's own generate() (its fast loop when
-    accelerated), up to S3Gen; a seeded row samples under its own seed (global RNG restored)."""
-    from .stream import _Captured
+def _turbo_tokens(model, rows, max_batch, metrics, bar):
+    """Turbo: `ChatterboxTurboTTS.generate` up to S3Gen for every row, T3 batched (one row per
+    slot): text tokens as its tokenizer makes them, `inference_turbo`'s sampling (max_new_tokens
+    is its max_gen_len: it samples one token more), the trailing EOS dropped, ids >= 6561
+    removed, 3 silence tokens appended."""
+    from chatterbox.models.s3gen.const import S3GEN_SIL
+    from chatterbox.tts_turbo import punc_norm
 
-    s3gen = model.s3gen
-    for row in rows:
-        captured = {}
+    from .t3.turbo import TurboParams
 
-        def capture(speech_tokens, *args, **kwargs):
-            captured["tokens"] = speech_tokens
-            raise _Captured
-
-        opts = {k: v for k, v in row.options.items() if k != "max_new_tokens"}
-        model.conds = row.conds
-        try:
-            with _shadowed(s3gen, "inference", capture), \
-                    torch.random.fork_rng(devices=[model.device] if str(model.device).startswith("cuda") else []):
-                if row.seed is not None:
-                    torch.manual_seed(row.seed)
-                model.generate(row.text, **opts)
-        except _Captured:
-            pass
-        row.tokens = captured["tokens"].view(-1)
-        row.extras["t3_tokens"] = row.tokens.numel()
-        bar.update()
+    runner = _runner(model)
+    requests = []
+    if any(r.options["cfg_weight"] > 0.0 or r.options["exaggeration"] > 0.0 or r.options["min_p"] > 0.0
+           for r in rows):
+        logger.warning("CFG, min_p and exaggeration are not supported by Turbo version and will be ignored.")
+    with torch.inference_mode():
+        for row in rows:
+            o = row.options
+            text = model.tokenizer(punc_norm(row.text), return_tensors="pt", padding=True, truncation=True)
+            params = TurboParams.make(temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
+                                      repetition_penalty=o["repetition_penalty"])
+            max_gen_len = min(int(o["max_new_tokens"]), FAMILIES["turbo"].t3_max_new_tokens)
+            requests.append(runner.request(row.conds.t3, text.input_ids.to(model.device), params, max_gen_len,
+                                           row.generator, key=row))
+    silence = torch.tensor([S3GEN_SIL] * 3, dtype=torch.long)
+    for request, tokens in _decode(runner, requests, max_batch, metrics, bar):
+        row = request.key
+        row.extras["t3_tokens"] = tokens.numel()
+        if tokens.numel() and int(tokens[-1]) == runner.eos:  # inference_turbo drops a trailing EOS
+            tokens = tokens[:-1]
+        row.tokens = torch.cat([tokens[tokens < SPEECH_VOCAB], silence])
 
 
 def _synthesize(model, rows, max_batch, metrics, bar) -> list[Result]:

@@ -1,30 +1,70 @@
-"""The model classes chatterbox-tts 0.1.7 ships, and what `accelerate()` can do for each.
+"""The model families chatterbox-tts 0.1.7 ships: the one table of what differs between them.
 
-| family | class | T3 backbone | voice method |
+| family | class | T3 backbone, method | voice method |
 |---|---|---|---|
-| english | chatterbox.tts.ChatterboxTTS | Llama 520M | prepare_conditionals |
-| multilingual | chatterbox.mtl_tts.ChatterboxMultilingualTTS | Llama 520M + alignment analyzer (t3/alignment.py) | prepare_conditionals |
-| turbo | chatterbox.tts_turbo.ChatterboxTurboTTS | GPT-2 medium (`inference_turbo`, t3/turbo.py) | prepare_conditionals |
+| english | chatterbox.tts.ChatterboxTTS | Llama 520M, `inference` | prepare_conditionals |
+| multilingual | chatterbox.mtl_tts.ChatterboxMultilingualTTS | Llama 520M + alignment analyzer (t3/alignment.py), `inference` | prepare_conditionals |
+| turbo | chatterbox.tts_turbo.ChatterboxTurboTTS | GPT-2 medium, `inference_turbo` (t3/turbo.py) | prepare_conditionals |
 | vc | chatterbox.vc.ChatterboxVC | none | set_target_voice |
 
+Upstream's keyword defaults are read from upstream (`generate_options`, from the model's own
+`generate()` signature), never copied; the table holds only what no signature says.
 Nothing here imports chatterbox modules the app has not imported itself: a model can only be
 an instance of a class whose module is already loaded.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
+from dataclasses import dataclass
 
-FAMILY_CLASSES = {
-    "english": ("chatterbox.tts", "ChatterboxTTS"),
-    "multilingual": ("chatterbox.mtl_tts", "ChatterboxMultilingualTTS"),
-    "turbo": ("chatterbox.tts_turbo", "ChatterboxTurboTTS"),
-    "vc": ("chatterbox.vc", "ChatterboxVC"),
-}
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    module: str                  # the chatterbox module defining the class
+    class_name: str
+    repo: str | None             # the Hugging Face repository from_pretrained() reads
+    t3_method: str | None        # the T3 method generate() calls (None: no T3)
+    voice_method: str            # reference audio -> conditioning
+    voice_arg: str               # generate()'s reference-audio argument
+    t3_max_new_tokens: int | None  # the T3 length generate() hard-codes in its body (no signature says it)
+    batches: bool                # generate_batch() serves it
+
+
+FAMILIES = {f.name: f for f in (
+    Family("english", "chatterbox.tts", "ChatterboxTTS", "ResembleAI/chatterbox", "inference",
+           "prepare_conditionals", "audio_prompt_path", 1000, True),
+    Family("multilingual", "chatterbox.mtl_tts", "ChatterboxMultilingualTTS", "ResembleAI/chatterbox",
+           "inference", "prepare_conditionals", "audio_prompt_path", 1000, True),
+    Family("turbo", "chatterbox.tts_turbo", "ChatterboxTurboTTS", "ResembleAI/chatterbox-turbo",
+           "inference_turbo", "prepare_conditionals", "audio_prompt_path", 1000, True),
+    Family("vc", "chatterbox.vc", "ChatterboxVC", "ResembleAI/chatterbox", None, "set_target_voice",
+           "target_voice_path", None, False),
+)}
+FAMILY_CLASSES = {name: (f.module, f.class_name) for name, f in FAMILIES.items()}
 
 T3_FALLBACKS = {
     "vc": "ChatterboxVC has no T3 (its speech tokens come from the source audio); voice side only",
 }
+
+
+def family(model) -> Family | None:
+    """The model's row of the table (None for something that is not a chatterbox model)."""
+    name = family_of(model)
+    return FAMILIES.get(name) if name else None
+
+
+REQUIRED = object()  # an option generate() has no default for
+
+
+def generate_options(model) -> dict:
+    """generate()'s keyword options (name -> default, `REQUIRED` when it has none), minus the
+    text: read from the model's own signature, so upstream's defaults are upstream's."""
+    params = list(inspect.signature(model.generate).parameters.values())[1:]  # drop `text`
+    return {p.name: (REQUIRED if p.default is p.empty else p.default) for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def family_of(model) -> str | None:
@@ -59,7 +99,7 @@ def t3_fallback_reason(model) -> str | None:
 
 def voice_method_of(model) -> str | None:
     """The method that turns a reference audio file into the model's voice conditioning."""
-    name = "set_target_voice" if family_of(model) == "vc" else "prepare_conditionals"
+    name = FAMILIES["vc" if family_of(model) == "vc" else "english"].voice_method
     return name if callable(getattr(model, name, None)) else None
 
 

@@ -48,9 +48,12 @@ def row_noise(ref: dict, n_tokens: int, ratio: int, meanflow: bool, generator, d
 
 
 @torch.inference_mode()
-def flow_mels(flow, tokens: list, refs: list, noises: list, n_timesteps: int, meanflow: bool) -> list:
+def flow_mels(flow, tokens: list, refs: list, noises: list, n_timesteps: int, meanflow: bool,
+              finalize: bool = True) -> list:
     """Mels (1, 80, frames_b) for rows of speech tokens (1-D), each with its reference dict
-    (on the flow's device) and noise (`row_noise`). `finalize=True`, as `S3Gen.inference`."""
+    (on the flow's device) and noise (`row_noise`). `finalize=True`, as `S3Gen.inference`;
+    False (one row: the streamer's chunks) leaves out the last tokens' frames, whose encoder
+    lookahead is not complete yet, as upstream's `finalize=False`."""
     from chatterbox.models.s3gen.utils.mask import make_pad_mask
 
     seqs = [torch.cat([ref["prompt_token"].reshape(-1), t.reshape(-1).to(ref["prompt_token"].device)])
@@ -62,6 +65,11 @@ def flow_mels(flow, tokens: list, refs: list, noises: list, n_timesteps: int, me
     mask = (~make_pad_mask(lens)).unsqueeze(-1).to(embedding)
     h, h_masks = encode(flow.encoder, flow.input_embedding(token.long()) * mask, lens)
     h_lengths = h_masks.sum(dim=-1).squeeze(dim=-1)
+    if not finalize:
+        if len(seqs) != 1:
+            raise ValueError("finalize=False takes one row")
+        cut = flow.pre_lookahead_len * flow.token_mel_ratio
+        h, h_lengths = h[:, :-cut], h_lengths - cut
     h = flow.encoder_proj(h)
     B, T = h.shape[:2]
     prompt_frames = [ref["prompt_feat"].shape[1] for ref in refs]

@@ -24,7 +24,6 @@ stitched audio matches vocoding the streamed mel in one pass to within the cross
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
@@ -35,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .families import FAMILIES, REQUIRED as _REQUIRED, family_of, generate_options as _generate_options
+from .s3gen_batch import flow_mels
 from .s3gen_fast import modes_of
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ SAMPLES_PER_FRAME = 480      # S3Gen: 24 kHz audio, 50 mel frames per second
 VOCODER_CONTEXT = 8          # mel frames of left context for each HiFT window
 HOLD = 4                     # mel frames held back per chunk and cross-faded into the next
 WATERMARK_CONTEXT = 24000    # samples of sent audio the watermarker sees before each new chunk
-MULTILINGUAL_MAX_NEW_TOKENS = 1000  # what ChatterboxMultilingualTTS.generate() hard-codes
-TURBO_MAX_TOKENS = 1 + 1000 + 3  # inference_turbo's first token + max_gen_len, + generate()'s silence
+MULTILINGUAL_MAX_NEW_TOKENS = FAMILIES["multilingual"].t3_max_new_tokens  # generate() hard-codes it
+TURBO_MAX_TOKENS = 1 + FAMILIES["turbo"].t3_max_new_tokens + 3  # the first token + max_gen_len, + generate()'s silence
 # generate_stream()'s own options (the rest are the model's generate() options)
 STREAM_DEFAULTS = dict(max_new_tokens=1000, chunk_size=25, first_chunk_size=None, context_tokens=100,
                        watermark=True)
@@ -81,42 +82,10 @@ class StreamMetrics:
 
 # ---- S3Gen, incrementally ---------------------------------------------------------------------
 def flow_mel(flow, tokens, ref: dict, noise, finalize: bool, n_timesteps: int, meanflow: bool):
-    """`CausalMaskedDiffWithXvec.inference` (chatterbox 0.1.7) for batch 1 with the CFM's noise
-    given (`noise`: (1, 80, prompt frames + 2 * tokens)) instead of drawn. Returns (1, 80, frames)."""
-    from chatterbox.models.s3gen.utils.mask import make_pad_mask
-
-    token = torch.atleast_2d(tokens)
-    embedding = flow.spk_embed_affine_layer(F.normalize(torch.atleast_2d(ref["embedding"]), dim=1))
-    prompt_feat = ref["prompt_feat"]
-    token = torch.concat([ref["prompt_token"], token], dim=1)
-    token_len = torch.tensor([token.shape[1]], device=token.device)
-    mask = (~make_pad_mask(token_len)).unsqueeze(-1).to(embedding)
-    h, h_masks = flow.encoder(flow.input_embedding(token.long()) * mask, token_len)
-    if not finalize:
-        h = h[:, : -flow.pre_lookahead_len * flow.token_mel_ratio]
-    mel_len1, total = prompt_feat.shape[1], h.shape[1]
-    h = flow.encoder_proj(h)
-    conds = torch.zeros([1, total, flow.output_size], device=h.device, dtype=h.dtype)
-    conds[:, :mel_len1] = prompt_feat
-    mask = torch.ones(1, 1, total, device=h.device, dtype=h.dtype)
-    cfm = flow.decoder
-    t_span = torch.linspace(0, 1, n_timesteps + 1, device=h.device, dtype=h.dtype)
-    z = noise[:, :, :total].to(h.dtype)
-    mu = h.transpose(1, 2).contiguous()
-    if meanflow:  # CausalConditionalCFM.basic_euler, without its print and progress bar per call
-        est = cfm.estimator
-        x, cond = z.to(est.dtype), conds.transpose(1, 2).to(est.dtype)
-        mu, mask, spks, t_span = mu.to(est.dtype), mask.to(est.dtype), embedding.to(est.dtype), t_span.to(est.dtype)
-        for t, r in zip(t_span[:-1], t_span[1:]):
-            t, r = t[None], r[None]
-            x = x + (r - t) * est.forward(x, mask=mask, mu=mu, t=t, spks=spks, cond=cond, r=r)
-        feat = x.to(z.dtype)
-    else:
-        if cfm.t_scheduler == "cosine":
-            t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)
-        feat = cfm.solve_euler(z, t_span=t_span, mu=mu, mask=mask, spks=embedding,
-                               cond=conds.transpose(1, 2))
-    return feat[:, :, mel_len1:]
+    """`CausalMaskedDiffWithXvec.inference` (chatterbox 0.1.7) for one row with the CFM's noise
+    given (`noise`: (1, 80, prompt frames + 2 * tokens)) instead of drawn: the batched flow
+    (`s3gen_batch.flow_mels`) with one row. Returns (1, 80, frames)."""
+    return flow_mels(flow, [torch.atleast_2d(tokens)[0]], [ref], [noise], n_timesteps, meanflow, finalize)[0]
 
 
 class S3GenStreamer:
@@ -300,30 +269,16 @@ def stream_unsupported(model) -> str | None:
     return None
 
 
-_REQUIRED = object()
-
-
-def _generate_options(model) -> dict:
-    """generate()'s keyword options (name -> default, `_REQUIRED` when it has none), minus text."""
-    params = list(inspect.signature(model.generate).parameters.values())[1:]  # drop `text`
-    return {p.name: (_REQUIRED if p.default is p.empty else p.default) for p in params
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-
-
 def _is_english(model) -> bool:
-    hp = getattr(model.t3, "hp", None)
-    return (hp is not None and not hp.is_multilingual and hp.llama_config_name != "GPT2_medium"
-            and hasattr(getattr(model, "tokenizer", None), "text_to_tokens"))
+    return family_of(model) == "english"
 
 
 def _is_turbo(model) -> bool:
-    return getattr(model.t3, "is_gpt", False) and callable(getattr(model, "tokenizer", None))
+    return family_of(model) == "turbo"
 
 
 def _is_multilingual(model) -> bool:
-    hp = getattr(model.t3, "hp", None)
-    return (hp is not None and hp.is_multilingual and not getattr(model.t3, "is_gpt", False)
-            and hasattr(getattr(model, "tokenizer", None), "text_to_tokens"))
+    return family_of(model) == "multilingual"
 
 
 def _check_language(model, language_id) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .families import conditionals_class, family_of
+from .families import FAMILIES, conditionals_class, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -299,8 +299,7 @@ def load_voice(model, profile_path, exaggeration: float = 0.5) -> None:
         cache.put((payload["audio_sha256"], tuple(payload.get("options", ()))), voice)
 
 
-_FAMILY_CLASS = {"english": "ChatterboxTTS", "multilingual": "ChatterboxMultilingualTTS",
-                 "turbo": "ChatterboxTurboTTS", "vc": "ChatterboxVC"}
+_FAMILY_CLASS = {name: f.class_name for name, f in FAMILIES.items()}
 
 
 def _profile_family(model) -> str:

@@ -3,7 +3,11 @@
 # virtualenv, then the CPU parity tier on it. .ci/run runs it as its second leg.
 #   TORCH_VERSION (default 2.11.0, what the lent GPU machine runs, with its torchaudio)
 #   VENV (default .venv-newest-torch); pytest arguments pass through.
+#   --install-only: set up the virtualenv and stop (.ci/run does this in the background, while
+#   the reference suite runs: the install is mostly download, the suite is CPU).
 set -euo pipefail
+INSTALL_ONLY=0
+if [ "${1:-}" = "--install-only" ]; then INSTALL_ONLY=1; shift; fi
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 TORCH_VERSION="${TORCH_VERSION:-2.11.0}"
 VENV="${VENV:-$ROOT/.venv-newest-torch}"
@@ -20,6 +24,7 @@ $P transformers==5.2.0 diffusers==0.29.0 librosa s3tokenizer resemble-perth conf
 $P --no-deps "$ROOT"
 $P wrapt soundfile matplotlib pytest pytest-timeout
 "$VENV/bin/python" -c "import torch, torchaudio; assert torch.__version__.startswith('$TORCH_VERSION'), torch.__version__; print('torch', torch.__version__, 'torchaudio', torchaudio.__version__)"
+[ "$INSTALL_ONLY" = 1 ] && exit 0
 cd "$ROOT"
 # The parity tier: T3 (every CPU kernel, precisions), Turbo, S3Gen modes, config and accelerate.
 exec "$VENV/bin/python" -m pytest -q tests/test_t3_parity.py tests/test_kernels.py tests/test_turbo_t3.py \

@@ -185,3 +185,33 @@ def test_multilingual_rows_run_their_own_analyzer(mtl_runner, monkeypatch):
     single = mtl_runner.generate(r)[0]
     torch.manual_seed(3)
     assert torch.equal([t for _, t in SlotDecoder(mtl_runner, 2).run([r])][0], single)
+
+
+def test_unconditional_text_table_is_per_voice_and_order_free(t3, runner, monkeypatch):
+    """Guards the shared unconditional text K/V (T3Runner.prefill_slot): the second CFG row's
+    text positions come from one table per voice, computed in fixed blocks of 64. A request's
+    logits are the same bits whether a longer text (two more blocks) came first or not, and a
+    text spanning three blocks still gives upstream's loop within 1e-4 of max |logit|."""
+    from chatterbox_accel.t3.decode import TEXT_BLOCK
+
+    cond, _ = text_of(t3, 8)
+    forced = (torch.arange(6) * 797 + 11) % 6561
+
+    def text(n):
+        ids = torch.randint(1, 600, (1, n), generator=torch.Generator().manual_seed(n))
+        ids[:, 0], ids[:, -1] = t3.hp.start_text_token, t3.hp.stop_text_token
+        return ids
+
+    def logits(n):
+        with torch.inference_mode():
+            r = runner.request(cond, text(n), OPTS, 6)
+        return SlotDecoder(runner, 1).teacher_forced_logits([r], [forced])[0], r.prefix_len
+
+    runner.prefixes.clear()
+    alone, n = logits(10)
+    runner.prefixes.clear()
+    long, _ = logits(150)
+    assert runner.prefixes.entries[0][1].upto == n + 3 * TEXT_BLOCK  # 150 text positions: 3 blocks
+    assert torch.equal(logits(10)[0], alone)
+    want = original_forced_logits(t3, cond, text(150).expand(2, -1), forced, 0.5, monkeypatch)
+    assert (long[: forced.numel()] - want).abs().max() <= 1e-4 * want.abs().max()

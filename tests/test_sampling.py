@@ -1,4 +1,6 @@
 """The fused device sampler against transformers' logits processors, as T3.inference uses them."""
+import types
+
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -70,7 +72,8 @@ def test_decoder_sampler_marks_each_rows_presence_and_skips_inactive_draws():
     params = RowParams.empty(2, "cpu")
     gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
     before = gens[1].get_state()
-    token = SlotDecoder._sample(torch.randn(2, V), presence, params, gens, [True, False])
+    decoder = types.SimpleNamespace(runner=types.SimpleNamespace(scores=process_logits))
+    token = SlotDecoder._sample(decoder, torch.randn(2, V), presence, params, gens, [True, False])
     assert presence[0, token[0]].item() and presence[1, token[1]].item() and presence.sum() == 2
     assert torch.equal(gens[1].get_state(), before)
 

@@ -98,10 +98,12 @@ def test_graphs_are_kept_per_slot_count_and_captured_largest_first_at_warm_up():
         return types.SimpleNamespace(replay=lambda: None), torch.zeros(1)
 
     step = CudaGraphStep(None, capture=capture)
-    one, eight, cache = SlotState.empty(1, "cpu"), SlotState.empty(8, "cpu"), object()
+    one, eight = SlotState.empty(1, "cpu"), SlotState.empty(8, "cpu")
+    cache = types.SimpleNamespace(ensure=lambda upto: seen.append(("ensure", upto, None)))
     eight.pos.fill_(7)
     step.capture_all(eight, cache, [64, 192, 128])
-    assert [k for _, k, _ in seen] == [192, 128, 64] and all(p == [0] * 8 for _, _, p in seen)
+    assert seen[0] == ("ensure", 192, None)  # a lazy cache is zeroed as far as the graphs read first
+    assert [k for _, k, _ in seen[1:]] == [192, 128, 64] and all(p == [0] * 8 for _, _, p in seen[1:])
     assert eight.pos.tolist() == [7] * 8
     step(one, cache, 64)
     step(eight, cache, 64)

@@ -117,21 +117,25 @@ def test_an_eos_sampled_first_does_not_stop_it_as_upstream():
 
 
 def test_voice_prefix_is_reused_and_invalidated_exactly(t3, accelerated, monkeypatch):
+    """The voice's conditioning prefix runs once per voice (a few voices are kept): a call with a
+    known voice runs only its text and BOS positions, with the original's tokens every time."""
     runner = runner_of(accelerated[0])
     fed = []
-    logits = runner.logits
-    monkeypatch.setattr(runner, "logits", lambda x, *a: fed.append(x.shape[1]) or logits(x, *a))
+    forward = runner.gpt2.forward
+    monkeypatch.setattr(runner.gpt2, "forward", lambda x, *a: fed.append(x.shape[1]) or forward(x, *a))
+    runner.prefixes.clear()
     a, b = voice(t3, seed=7), voice(t3, seed=8)
     prompt_lengths = []
     for conds in (a, a, b, b, a):
         fed.clear()
         out = fast(t3, conds=conds, max_gen_len=20)
-        prompt_lengths.append(fed[0])
+        prompt_lengths.append(fed[:2])
         assert out.tolist() == original(t3, conds=conds, max_gen_len=20).tolist()
     text_and_bos = text_of(t3).shape[1] + 1
-    # a new voice: the whole prompt; the next call with the same voice: text + BOS only
-    full = 1 + 375 + text_and_bos
-    assert prompt_lengths == [full, text_and_bos, full, text_and_bos, full]
+    prefix = 1 + 375  # speaker + voice prompt tokens
+    # a new voice: its prefix, then text + BOS; a known one (a is still kept at the 5th call): text + BOS
+    new, known = [prefix, text_and_bos], [text_and_bos, 1]
+    assert prompt_lengths == [new, known, new, known, known]
 
 
 def test_bad_options_raise_before_work(t3, accelerated):
@@ -166,3 +170,32 @@ def test_run_time_failure_falls_back_to_the_original(t3, accelerated, monkeypatc
     assert fast(t3, max_gen_len=10).tolist() == expected.tolist()
     wrapper = fast_inference_of(accelerated[0])
     assert "injected" in wrapper.disabled and wrapper.calls["original"] == 1
+
+
+def test_rows_in_a_batch_decode_as_they_would_alone(t3, accelerated):
+    """Guards Turbo's per-row decoder state (GPT-2 positions, options as per-row tensors, the
+    first-token penalty rule, the voice prefix per slot): three requests with two voices,
+    different options and seeds, through 2 slots (the third joins mid-decode), each give the
+    tokens that request gives alone."""
+    from chatterbox_accel.t3.turbo import TurboParams
+
+    runner = runner_of(accelerated[0])
+
+    def req(conds, seed, max_gen_len, **opts):
+        params = TurboParams.make(**{**dict(temperature=0.8, top_k=1000, top_p=0.95, repetition_penalty=1.2),
+                                     **opts})
+        with torch.inference_mode():
+            return runner.request(dataclasses.replace(conds, cond_prompt_speech_emb=None), text_of(t3), params,
+                                  max_gen_len, torch.Generator().manual_seed(seed), key=seed)
+
+    specs = [(voice(t3, 7), 1, 30, {}), (voice(t3, 8), 2, 12, dict(top_k=5, temperature=1.0)),
+             (voice(t3, 7), 3, 25, dict(top_p=1.0, repetition_penalty=1.0))]
+    runner.claim()
+    batched = {r.key: t for r, t in runner.decoder(2).run([req(c, s, m, **o) for c, s, m, o in specs])}
+    lengths = []
+    for conds, seed, max_gen_len, opts in specs:
+        runner.claim()
+        alone = [t for _, t in runner.decoder(1).run([req(conds, seed, max_gen_len, **opts)])][0]
+        assert torch.equal(batched[seed], alone), seed
+        lengths.append(alone.numel())
+    assert min(lengths) > 5  # real decodes, not a first-token stop

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .alignment import AnalyzerFeed, new_analyzer
-from .sampling import process_logits, sample, validate
+from .sampling import sample, validate
 
 ROW_OPTIONS = ("cfg_weight", "temperature", "repetition_penalty", "min_p", "top_p")
 
@@ -42,17 +42,20 @@ ROW_OPTIONS = ("cfg_weight", "temperature", "repetition_penalty", "min_p", "top_
 class T3Request:
     """One utterance for the decoder: its prompt embeddings and how to sample it."""
 
-    embeds: torch.Tensor                 # (2, P, C): the CFG pair's prompt, as T3Runner.build_prompt makes it
-    options: dict                        # ROW_OPTIONS -> float
-    max_new_tokens: int
+    embeds: torch.Tensor                 # (rows, P, C): the slot's rows' prompts (Llama: the CFG pair; Turbo: 1)
+    options: dict                        # the runner's row_options -> number
+    max_new_tokens: int                  # tokens the request may decode (Turbo: 1 + max_gen_len)
     generator: torch.Generator | None = None  # a private generator (seeded request), else the global RNG
     text_len: int | None = None          # text tokens in the prompt (the multilingual analyzer reads them)
     key: object = None                   # the caller's handle, returned with the tokens
+    prefix_len: int = 0                  # leading positions that are the voice's conditioning, shared by
+                                         # the rows and by requests with that voice (prefilled once)
 
     def __post_init__(self):
-        if self.embeds.dim() != 3 or self.embeds.shape[0] != 2:
-            raise ValueError("a T3Request's embeds must be the CFG pair (2, P, C); build them with cfg_weight > 0")
-        validate(**{k: self.options[k] for k in ("temperature", "repetition_penalty", "min_p", "top_p")})
+        if self.embeds.dim() != 3:
+            raise ValueError("a T3Request's embeds must be (rows, P, C)")
+        if "min_p" in self.options:  # Llama's options (Turbo's are checked by TurboParams.make)
+            validate(**{k: self.options[k] for k in ("temperature", "repetition_penalty", "min_p", "top_p")})
         if int(self.max_new_tokens) < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
@@ -66,27 +69,25 @@ class T3Request:
         return self.prompt_len + self.max_new_tokens
 
 
-@dataclass
 class RowParams:
-    """Sampling options per slot as (S, 1) float32 device tensors (read by `process_logits`)."""
+    """Sampling options per slot as (S, 1) float32 device tensors, one attribute per option name
+    (read by the runner's logits processors). `use_top_p`: any active row filters by top-p."""
 
-    cfg_weight: torch.Tensor
-    temperature: torch.Tensor
-    repetition_penalty: torch.Tensor
-    min_p: torch.Tensor
-    top_p: torch.Tensor
-    use_top_p: bool = False
+    def __init__(self, names: tuple, tensors: list, use_top_p: bool = False):
+        self.names, self.use_top_p = names, use_top_p
+        for name, t in zip(names, tensors):
+            setattr(self, name, t)
 
     @classmethod
-    def empty(cls, slots: int, device) -> "RowParams":
-        return cls(*(torch.ones(slots, 1, dtype=torch.float32, device=device) for _ in ROW_OPTIONS))
+    def empty(cls, slots: int, device, names: tuple = ROW_OPTIONS) -> "RowParams":
+        return cls(names, [torch.ones(slots, 1, dtype=torch.float32, device=device) for _ in names])
 
     def set(self, slot: int, options: dict) -> None:
-        for name in ROW_OPTIONS:
+        for name in self.names:
             getattr(self, name)[slot] = float(options[name])
 
     def rows(self, start: int, stop: int) -> "RowParams":
-        return RowParams(*(getattr(self, n)[start:stop] for n in ROW_OPTIONS), use_top_p=self.use_top_p)
+        return RowParams(self.names, [getattr(self, n)[start:stop] for n in self.names], self.use_top_p)
 
 
 @dataclass
@@ -132,23 +133,23 @@ def shared_prefix(embeds: torch.Tensor) -> int:
 
 
 class PrefixCache:
-    """Conditioning-prefix K/V by the prefix's own embeddings (compared exactly), a few voices at
-    a time. The runner keeps one, so a voice's prefix runs once across calls too."""
+    """What a runner keeps per voice (the conditioning prefix's K/V), by the prefix's own
+    embeddings (compared exactly), a few voices at a time. The runner keeps one, so a voice's
+    prefix runs once across calls too."""
 
     def __init__(self, size: int = 4):
         self.entries: list = []
         self.size = size
 
     def get(self, embeds):
-        for key, k, v in self.entries:
+        for key, value in self.entries:
             if key.shape == embeds.shape and torch.equal(key, embeds):
-                return k, v
-        return None, None
+                return value
+        return None
 
-    def put(self, embeds, k, v):
-        entry = (embeds.clone(), k.clone(), v.clone())
-        self.entries = [entry] + self.entries[: self.size - 1]
-        return entry[1], entry[2]
+    def put(self, embeds, value):
+        self.entries = [(embeds.clone(), value)] + self.entries[: self.size - 1]
+        return value
 
     def clear(self) -> None:
         self.entries = []
@@ -159,6 +160,7 @@ class _Slot:
     request: T3Request
     tokens: list = field(default_factory=list)
     feed: AnalyzerFeed | None = None
+    stopped: bool = False  # ended without a token (all scores -inf)
 
 
 class SlotDecoder:
@@ -170,15 +172,14 @@ class SlotDecoder:
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {slots!r}")
         self.runner, self.slots = runner, slots
-        self.eos = runner.hp.stop_speech_token
-        self.bos = runner.hp.start_speech_token
+        self.eos, self.bos = runner.eos, runner.bos
         self.multilingual = bool(runner.heads)
         # The analyzer reads each step's tokens on the host, so Multilingual reads every step.
         self.sync_every = 1 if self.multilingual else max(1, int(sync_every))
-        device = runner.llama.device
+        device = runner.backbone.device
         self.state = SlotState.empty(slots, device)
         self.presence = torch.zeros(slots, runner.hp.speech_tokens_dict_size, dtype=torch.bool, device=device)
-        self.params = RowParams.empty(slots, device)
+        self.params = RowParams.empty(slots, device, runner.row_options)
         self.rows: list[_Slot | None] = [None] * slots
         self.queue: deque[T3Request] = deque()
         self.cache = None
@@ -188,6 +189,9 @@ class SlotDecoder:
     # ---- requests -------------------------------------------------------------------------------
     def submit(self, request: T3Request) -> None:
         """Queue a request; it joins a free slot at a step boundary."""
+        if request.embeds.shape[0] != self.runner.rows_per_slot:
+            raise ValueError(f"a request for this T3 has {self.runner.rows_per_slot} prompt rows "
+                             f"(got {request.embeds.shape[0]}); build it with the runner's request()")
         if self.multilingual and request.text_len is None:
             raise ValueError("a multilingual T3 decode needs text_len (its alignment analyzer reads it)")
         self.queue.append(request)
@@ -244,14 +248,18 @@ class SlotDecoder:
                     self.cache = None
                     self.cache = self.runner.slot_cache(self.slots, longest)
                 request = self.queue.popleft()
-                self.rows[s] = _Slot(request)
-                self.rows[s].tokens.append(self._start(s, request))
-                self._record(events, s, self.rows[s].tokens[-1:])
+                row = self.rows[s] = _Slot(request)
+                first = self._start(s, request)
+                if first < 0:  # every score -inf: nothing to sample
+                    row.stopped = True
+                else:
+                    row.tokens.append(first)
+                self._record(events, s, row.tokens[-1:])
 
     def _start(self, s: int, request: T3Request) -> int:
         """Prefill `request` into slot `s` and sample its first token."""
         runner, P = self.runner, request.prompt_len
-        logits = runner.prefill_slot(request.embeds, self.cache, s)  # (2, V)
+        logits = runner.prefill_slot(request, self.cache, s)  # (rows_per_slot, V)
         row = self.rows[s]
         if self.multilingual:
             end = P - 2  # the prompt is conditioning + text + BOS + BOS (see T3Runner.analyzer_feed)
@@ -261,12 +269,15 @@ class SlotDecoder:
         self.presence[s, self.bos] = True  # the original's id list starts with BOS
         self.params.set(s, request.options)
         self.params.use_top_p = bool(request.options["top_p"] < 1.0)
-        combined = cfg_combine_pairs(logits, self.params.cfg_weight[s : s + 1])
+        combined = runner.combine(logits, self.params.rows(s, s + 1))
         if row.feed is not None:
             combined = row.feed(combined)
         first = self._sample(combined, self.presence[s : s + 1], self.params.rows(s, s + 1),
                              [request.generator], [True])
-        self.state.token[s] = first[0]
+        if runner.first_presence_only:  # from now on, the generated tokens only
+            self.presence[s].zero_()
+            self.presence[s, first[0]] = True
+        self.state.token[s] = first[0].clamp_min(0)
         self.state.pos[s], self.state.speech_pos[s] = P, 1
         return int(first[0])
 
@@ -275,15 +286,17 @@ class SlotDecoder:
         self.params.use_top_p = any(on and row.request.options["top_p"] < 1.0 for on, row in zip(active, self.rows))
         newest = max(row.request.prompt_len + len(row.tokens) + len(self.pending) - 1
                      for row in self.rows if row is not None)
-        logits = runner.step(state, self.cache, runner.kv_len_for(newest, self.cache))  # (2S, V)
-        combined = cfg_combine_pairs(logits, self.params.cfg_weight)
+        kv_len = runner.kv_len_for(newest, self.cache)
+        self.cache.ensure(kv_len)  # outside the step: a captured step must not branch on it
+        logits = runner.step(state, self.cache, kv_len)  # (rows_per_slot * S, V)
+        combined = runner.combine(logits, self.params)
         if self.multilingual:
             combined = self._analyze(combined, active)
         generators = [row.request.generator if row is not None else None for row in self.rows]
         nxt = self._sample(combined, self.presence, self.params, generators, active)
         self.steps += 1
         on = torch.tensor(active, device=nxt.device)
-        state.token.copy_(torch.where(on, nxt, state.token))
+        state.token.copy_(torch.where(on & (nxt >= 0), nxt, state.token))
         state.pos.add_(on.long())
         state.speech_pos.add_(on.long())
         self.pending.append(nxt)
@@ -306,6 +319,9 @@ class SlotDecoder:
                 continue
             new = []
             for token in ids[s]:
+                if token < 0:  # every score was -inf (Turbo: upstream stops there, adding nothing)
+                    row.stopped = True
+                    break
                 row.tokens.append(token)
                 new.append(token)
                 if self._finished(row):
@@ -313,7 +329,7 @@ class SlotDecoder:
             self._record(events, s, new)
 
     def _finished(self, row: _Slot) -> bool:
-        return row.tokens[-1] == self.eos or len(row.tokens) >= row.request.max_new_tokens
+        return row.stopped or self.runner.finished(row.tokens, row.request.max_new_tokens)
 
     def _record(self, events, s: int, new: list[int]) -> None:
         """Report slot `s`'s new ids (already in its tokens); a finished row frees its slot."""
@@ -347,11 +363,13 @@ class SlotDecoder:
             rows.append(row)
         return torch.cat(rows)
 
-    @staticmethod
-    def _sample(combined, presence, params: RowParams, generators, active):
-        scores = process_logits(combined, presence, params)
+    def _sample(self, combined, presence, params: RowParams, generators, active):
+        """The runner's processors, then each row's exponential race; -1 where a row's scores
+        are all -inf (it stops)."""
+        scores = self.runner.scores(combined, presence, params)
         nxt = sample(scores, noise=lambda probs: race(probs, generators, active))  # (S,)
-        presence[torch.arange(len(active), device=combined.device), nxt] = True  # a free row's is reset on admit
+        nxt = torch.where(torch.isneginf(scores).all(dim=-1), -1, nxt)
+        presence[torch.arange(len(active), device=combined.device), nxt.clamp_min(0)] = True  # reset on admit
         return nxt
 
     # ---- whole decodes --------------------------------------------------------------------------
@@ -403,18 +421,18 @@ class SlotDecoder:
         runner, state = self.runner, self.state
         steps = max(f.numel() for f in forced)
         self.cache = runner.slot_cache(self.slots, max(r.prompt_len for r in requests) + steps + 1)
-        cfg = torch.ones(self.slots, 1, device=state.token.device)
         outs = []
         for s, r in enumerate(requests):
-            cfg[s] = float(r.options["cfg_weight"])
-            logits = runner.prefill_slot(r.embeds, self.cache, s)  # the prefill decoding uses
-            outs.append([cfg_combine_pairs(logits, cfg[s : s + 1])])
+            self.params.set(s, r.options)
+            logits = runner.prefill_slot(r, self.cache, s)  # the prefill decoding uses
+            outs.append([runner.combine(logits, self.params.rows(s, s + 1))])
             state.pos[s], state.speech_pos[s] = r.prompt_len, 1
         for n in range(steps):
             for s, f in enumerate(forced):
                 state.token[s] = int(f[n]) if n < f.numel() else 0
             kv_len = runner.kv_len_for(int(state.pos.max()), self.cache)
-            combined = cfg_combine_pairs(runner.step(state, self.cache, kv_len), cfg)
+            self.cache.ensure(kv_len)
+            combined = runner.combine(runner.step(state, self.cache, kv_len), self.params)
             for s, f in enumerate(forced):
                 if n < f.numel():
                     outs[s].append(combined[s : s + 1])

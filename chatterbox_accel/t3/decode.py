@@ -17,41 +17,64 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
+
 import torch
 
 from .alignment import AnalyzerFeed, aligned_heads, new_analyzer
-from .batch import PrefixCache, SlotDecoder, SlotState, T3Request, shared_prefix
+from .batch import PrefixCache, SlotDecoder, SlotState, T3Request, cfg_combine_pairs, shared_prefix
 from .cache import StaticKVCache
 from .model import FastLlama
-from .sampling import cfg_combine
+from .sampling import cfg_combine, process_logits
 
 logger = logging.getLogger(__name__)
 
 
+TEXT_BLOCK = 64  # positions of the unconditional text table computed per forward (T3Runner.prefill_slot)
+
+
+@dataclass
+class _VoiceRows:
+    """One voice's conditioning prefix and unconditional text table: K/V in a one-row cache."""
+
+    rows: StaticKVCache
+    upto: int  # positions computed: the prefix, then the table up to here
+
+
 class CachedRunner:
-    """The static-cache handling shared by `T3Runner` and Turbo's `TurboRunner`. A subclass
-    sets `kv_bucket`, `static_cache` and `cache`, and names its `backbone` (FastLlama or
-    FastGPT2), which makes the cache."""
+    """What `T3Runner` (Llama) and Turbo's `TurboRunner` (GPT-2) share: the KV cache, the
+    engine's decoders over it, prefix-shared prefill, and one request decoded in blocks.
+
+    A subclass names its `backbone` (FastLlama or FastGPT2: `forward`, `new_cache`, kernels) and
+    what differs per model (the decoder calls these): `rows_per_slot` (2: the CFG pair; 1),
+    `row_options` (the sampling options kept per slot), `slot_logits` (the decode step's forward),
+    `combine` (rows -> one row per slot), `scores` (the logits processors), `finished` (the stop
+    rule), `first_presence_only` (Turbo's penalty list is BOS for the first token only).
+    """
+
+    rows_per_slot = 2
+    row_options: tuple = ()
+    first_presence_only = False
+    heads: list = []  # multilingual: the alignment analyzer's (layer, head) pairs
 
     @property
     def backbone(self):
         raise NotImplementedError
 
-    def get_cache(self, batch: int, length: int) -> StaticKVCache:
-        length = _round_up(length, self.kv_bucket or 256)
-        device, dtype = self.backbone.device, self.backbone.dtype
-        if self.static_cache and self.cache is not None and self.cache.fits(batch, length, dtype, device):
-            return self.cache
-        self.cache = None  # free the old buffers before allocating larger ones
-        invalidate = getattr(getattr(self, "step", None), "invalidate", None)
-        if invalidate is not None:  # captured graphs point into the old buffers
-            invalidate()
-        cache = self.backbone.new_cache(batch, length)
-        if self.static_cache:
-            self.cache = cache
-        return cache
+    def _init_cache(self, kv_bucket, static_cache, sync_every=1):
+        self.kv_bucket, self.static_cache, self.sync_every = kv_bucket, static_cache, sync_every
+        self.cache: StaticKVCache | None = None  # rows_per_slot rows per slot, for the most slots asked for
+        self._views: dict[int, StaticKVCache] = {}  # slots -> the cache's first rows
+        self._decoders: dict[int, SlotDecoder] = {}
+        self.prefixes = PrefixCache()  # conditioning-prefix K/V per voice, across calls
+        self._owner = None  # the decode that owns the cache now (see claim)
+        self.events: list[str] = []  # run-time fallbacks, as the model's report lists them
+        self.step = self.slot_logits  # graphs.py may replace it with a compiled/captured step
 
-    decode_rows = 2  # rows of a decode-step product: the CFG pair (Turbo: 1)
+    @property
+    def decode_rows(self) -> int:
+        """Rows of a single request's decode-step product (the kernel table is measured there)."""
+        return self.rows_per_slot
 
     def product_modules(self) -> list:
         """Every module a decode step multiplies by: the backbone's projections, the speech head."""
@@ -73,133 +96,54 @@ class CachedRunner:
             return cache.max_len
         return min(_round_up(position + 1, self.kv_bucket), cache.max_len)
 
+    def head_logits(self, hidden) -> torch.Tensor:
+        """Final hidden (B, S, C) -> speech logits of the last position (B, V)."""
+        return self.backbone.linear(self.speech_head, hidden[:, -1])
 
-class T3Runner(CachedRunner):
-    """Fast decoding for one `T3` instance (English or Multilingual). Owns the KV cache, the
-    installed decode step and one `SlotDecoder` per slot count."""
+    # ---- prefill --------------------------------------------------------------------------------
+    def prefill_slot(self, request: T3Request, cache, s: int) -> torch.Tensor:
+        """Prefill slot `s` (its rows of `cache`) with the request's prompt; last-position logits
+        (rows_per_slot, V).
 
-    def __init__(self, t3, *, attention, dtype=None, sync_every=1, kv_bucket: int | None = 64,
-                 static_cache=True):
-        """sync_every: decode steps between host reads of the sampled ids (EOS checks).
-        kv_bucket: attention reads the cache up to the next multiple of this past the newest
-        token (a few shapes: one CUDA graph each). None: always the whole cache (one shape,
-        for torch.compile, which would otherwise recompile per bucket)."""
-        self.t3 = t3
-        self.hp = t3.hp
-        self.tfmr, self.speech_head = t3.tfmr, t3.speech_head
-        if dtype is not None and dtype != t3.speech_head.weight.dtype:
-            # Reduced precision runs on a private copy: the user's model is never cast.
-            self.tfmr = copy.deepcopy(t3.tfmr).to(dtype)
-            self.speech_head = copy.deepcopy(t3.speech_head).to(dtype)
-        self.llama = FastLlama(self.tfmr, attention)
-        self.heads = aligned_heads() if self.hp.is_multilingual else []
-        if self.heads:  # multilingual: the alignment analyzer reads these heads every step
-            self.llama.spy_heads(self.heads)
-        self.sync_every = sync_every
-        self.kv_bucket = kv_bucket
-        self.static_cache = static_cache
-        self.cache: StaticKVCache | None = None  # 2 rows per slot, for the most slots asked for
-        self._views: dict[int, StaticKVCache] = {}  # slots -> the cache's first 2 * slots rows
-        self._decoders: dict[int, SlotDecoder] = {}
-        self.prefixes = PrefixCache()  # conditioning-prefix K/V per voice, across calls
-        self._owner = None  # the decode that owns the cache now (see claim)
-        self.events: list[str] = []  # run-time fallbacks, as the model's report lists them
-        self.step = self.slot_logits  # graphs.py may replace it with a compiled/captured step
-
-    @property
-    def backbone(self):
-        return self.llama
-
-    # ---- prompt -------------------------------------------------------------------------------
-    def build_prompt(self, t3_cond, text_tokens, cfg_weight: float) -> torch.Tensor:
-        """Prefill embeddings (B, P, C), exactly as `T3.inference` builds them (B = 2 with CFG;
-        the decoder always takes the pair: pass cfg_weight > 0 to build it)."""
-        t3, device = self.t3, self.t3.device
-        text_tokens = torch.atleast_2d(text_tokens).to(dtype=torch.long, device=device)
-        batch = 2 if cfg_weight > 0.0 else 1
-        text_tokens = text_tokens[:1].expand(batch, -1) if text_tokens.size(0) != batch else text_tokens
-        bos = torch.full((batch, 1), self.hp.start_speech_token, dtype=torch.long, device=device)
-        embeds, _ = t3.prepare_input_embeds(
-            t3_cond=t3_cond, text_tokens=text_tokens, speech_tokens=bos, cfg_weight=cfg_weight
-        )
-        bos_embed = t3.speech_emb(bos[:1]) + t3.speech_pos_emb.get_fixed_embedding(0)  # (1, 1, C)
-        return torch.cat([embeds, bos_embed.expand(batch, -1, -1)], dim=1)
-
-    def request(self, t3_cond, text_tokens, options: dict, max_new_tokens: int, generator=None,
-                key=None) -> T3Request:
-        """A decoder request for one text (text_tokens as `T3.inference` takes them)."""
-        text_tokens = torch.atleast_2d(text_tokens)
-        cfg = float(options["cfg_weight"])
-        embeds = self.build_prompt(t3_cond, text_tokens[:1], 1.0 if cfg == 0.0 else cfg)
-        return T3Request(embeds, {k: options[k] for k in ("cfg_weight", "temperature", "repetition_penalty",
-                                                          "min_p", "top_p")},
-                         int(max_new_tokens), generator, text_len=text_tokens.shape[-1], key=key)
-
-    # ---- compute ------------------------------------------------------------------------------
-    def prefill(self, embeds, cache) -> torch.Tensor:
-        """Run the prompt; return the last position's speech logits (B, V)."""
-        P = embeds.shape[1]
-        input_pos = torch.arange(P, device=embeds.device)
-        hidden = self.llama.forward(embeds.to(self.llama.dtype), input_pos, cache, P)
-        return self.llama.linear(self.speech_head, hidden[:, -1])
-
-    def prefill_slot(self, embeds, cache, s: int) -> torch.Tensor:
-        """Prefill slot `s` (rows 2s, 2s + 1 of `cache`) with the CFG pair `embeds` (2, P, C);
-        last-position logits (2, V).
-
-        The two rows share their first positions (the conditioning: speaker, prompt speech
-        tokens, emotion; the text, zeroed in the second row, is where they part), and requests
-        with the same voice share them too. That prefix runs once per voice, on one row, and its
-        K/V is copied into both rows of every slot that uses it; then both rows' own positions
-        run together. Every request takes this same path, cached prefix or not, so its numbers
-        do not depend on which requests came before it. (Multilingual: the analyzer reads the
-        whole prefill's attention maps, so its prompt runs whole.)"""
-        llama = self.llama
-        P = embeds.shape[1]
-        n = shared_prefix(embeds)
-        if self.heads or n == 0:
-            return self.prefill(embeds, cache.rows(2 * s, 2 * s + 2))
-        k, v = self.prefixes.get(embeds[0, :n])
-        if k is None:
-            row = cache.rows(2 * s, 2 * s + 1)
-            llama.forward(embeds[:1, :n].to(llama.dtype), torch.arange(n, device=embeds.device), row, n)
-            k, v = self.prefixes.put(embeds[0, :n], cache.k[:, 2 * s, :, :n], cache.v[:, 2 * s, :, :n])
-        for r in (2 * s, 2 * s + 1):
-            cache.k[:, r, :, :n].copy_(k)
-            cache.v[:, r, :, :n].copy_(v)
-        hidden = llama.forward(embeds[:, n:].to(llama.dtype), torch.arange(n, P, device=embeds.device),
-                               cache.rows(2 * s, 2 * s + 2), P)
-        return llama.linear(self.speech_head, hidden[:, -1])
-
-    def slot_logits(self, state: SlotState, cache, kv_len: int) -> torch.Tensor:
-        """The decode step's forward: each slot's `state.token` at its own positions, both CFG
-        rows; speech logits (2S, V). Attention reads `kv_len` cache slots, each row masked past
-        its own position. No host sync: this is what a compiled or captured step runs."""
-        t3, llama = self.t3, self.llama
-        emb = t3.speech_emb(state.token) + t3.speech_pos_emb.emb(state.speech_pos)  # (S, C)
-        x = emb.repeat_interleave(2, dim=0)[:, None].to(llama.dtype)  # (2S, 1, C): both CFG rows
-        input_pos = state.pos.repeat_interleave(2)[:, None]  # (2S, 1)
-        llama.spy_rows = True  # spied maps (multilingual): every row's, (2S, 1, kv_len)
-        try:
-            hidden = llama.forward(x, input_pos, cache, kv_len)
-        finally:
-            llama.spy_rows = False
-        return llama.linear(self.speech_head, hidden[:, -1])
+        The prompt's first `request.prefix_len` positions are the voice's conditioning (speaker,
+        prompt speech tokens, emotion), the same in every row of the slot and for every request
+        with that voice. That prefix runs once per voice, on one row, and its K/V is copied into
+        the slot's rows; then the rows' own positions run together. Every request takes this
+        same path, cached prefix or not, so its numbers do not depend on which requests came
+        before it."""
+        backbone, embeds = self.backbone, request.embeds
+        R, P, n = self.rows_per_slot, embeds.shape[1], request.prefix_len
+        rows = cache.rows(R * s, R * s + R)
+        cache.ensure(P)
+        if n:
+            kv = self.prefixes.get(embeds[0, :n])
+            if kv is None:
+                backbone.forward(embeds[:1, :n].to(backbone.dtype), torch.arange(n, device=embeds.device),
+                                 cache.rows(R * s, R * s + 1), n)
+                kv = self.prefixes.put(embeds[0, :n], (cache.k[:, R * s, :, :n].clone(),
+                                                       cache.v[:, R * s, :, :n].clone()))
+            k, v = kv
+            for r in range(R * s, R * s + R):
+                cache.k[:, r, :, :n].copy_(k)
+                cache.v[:, r, :, :n].copy_(v)
+        hidden = backbone.forward(embeds[:, n:].to(backbone.dtype), torch.arange(n, P, device=embeds.device), rows, P)
+        return self.head_logits(hidden)
 
     # ---- cache and decoders -------------------------------------------------------------------
     @torch.inference_mode()
     def slot_cache(self, slots: int, length: int) -> StaticKVCache:
-        """A cache of `slots` slots (2 rows each) for `length` positions: a view of the runner's
-        one cache, allocated for the most slots and the longest length asked for so far (rounded
-        up to 256), kept across calls (static_cache=False: a new one per call)."""
+        """A cache of `slots` slots for `length` positions: a view of the runner's one cache,
+        allocated for the most slots and the longest length asked for so far (rounded up to
+        256), kept across calls (static_cache=False: a new one per call)."""
         length = _round_up(length, 256)
-        device, dtype = self.llama.device, self.llama.dtype
+        R, backbone = self.rows_per_slot, self.backbone
         if not self.static_cache:
-            return self.llama.new_cache(2 * slots, length)
+            return backbone.new_cache(R * slots, length, lazy=True)
         cache = self.cache
-        if cache is None or not (cache.batch >= 2 * slots and cache.max_len >= length
-                                 and cache.k.dtype == dtype and cache.k.device == torch.device(device)):
-            rows = max(2 * slots, cache.batch if cache is not None else 0)
+        if cache is None or not (cache.batch >= R * slots and cache.max_len >= length
+                                 and cache.k.dtype == backbone.dtype
+                                 and cache.k.device == torch.device(backbone.device)):
+            rows = max(R * slots, cache.batch if cache is not None else 0)
             length = max(length, cache.max_len if cache is not None else 0)
             self.cache, self._views = None, {}  # free the old buffers before allocating larger ones
             invalidate = getattr(self.step, "invalidate", None)
@@ -207,15 +151,15 @@ class T3Runner(CachedRunner):
                 invalidate()
             for decoder in self._decoders.values():  # their rows lived in the old buffers
                 decoder.drop_cache()
-            cache = self.cache = self.llama.new_cache(rows, length)
+            cache = self.cache = backbone.new_cache(rows, length, lazy=True)
         view = self._views.get(slots)
         if view is None:
-            view = self._views[slots] = cache.rows(0, 2 * slots)
+            view = self._views[slots] = cache.rows(0, R * slots)
         return view
 
     def get_cache(self, batch: int, length: int) -> StaticKVCache:
-        """The whole cache, at least `batch` rows (2 per slot) of `length` positions."""
-        self.slot_cache(-(-batch // 2), length)
+        """The whole cache, at least `batch` rows of `length` positions."""
+        self.slot_cache(-(-batch // self.rows_per_slot), length)
         return self.cache
 
     def decoder(self, slots: int) -> SlotDecoder:
@@ -261,8 +205,160 @@ class T3Runner(CachedRunner):
                 item = next(blocks)
 
     def generate(self, request: T3Request) -> torch.Tensor:
-        """(1, N) ids for one request, ending at the first EOS if any."""
+        """(1, N) ids for one request, as `token_blocks` gives them."""
         return torch.cat([ids for ids, _ in self.token_blocks(request)])[None]
+
+
+class T3Runner(CachedRunner):
+    """Fast decoding for one `T3` instance (English or Multilingual). Owns the KV cache, the
+    installed decode step and one `SlotDecoder` per slot count."""
+
+    def __init__(self, t3, *, attention, dtype=None, sync_every=1, kv_bucket: int | None = 64,
+                 static_cache=True):
+        """sync_every: decode steps between host reads of the sampled ids (EOS checks).
+        kv_bucket: attention reads the cache up to the next multiple of this past the newest
+        token (a few shapes: one CUDA graph each). None: always the whole cache (one shape,
+        for torch.compile, which would otherwise recompile per bucket)."""
+        self.t3 = t3
+        self.hp = t3.hp
+        self.tfmr, self.speech_head = t3.tfmr, t3.speech_head
+        if dtype is not None and dtype != t3.speech_head.weight.dtype:
+            # Reduced precision runs on a private copy: the user's model is never cast.
+            self.tfmr = copy.deepcopy(t3.tfmr).to(dtype)
+            self.speech_head = copy.deepcopy(t3.speech_head).to(dtype)
+        self.llama = FastLlama(self.tfmr, attention)
+        self.heads = aligned_heads() if self.hp.is_multilingual else []
+        if self.heads:  # multilingual: the alignment analyzer reads these heads every step
+            self.llama.spy_heads(self.heads)
+        self.bos, self.eos = self.hp.start_speech_token, self.hp.stop_speech_token
+        self._init_cache(kv_bucket, static_cache, sync_every)
+
+    @property
+    def backbone(self):
+        return self.llama
+
+    # ---- prompt -------------------------------------------------------------------------------
+    def build_prompt(self, t3_cond, text_tokens, cfg_weight: float) -> torch.Tensor:
+        """Prefill embeddings (B, P, C), exactly as `T3.inference` builds them (B = 2 with CFG;
+        the decoder always takes the pair: pass cfg_weight > 0 to build it)."""
+        t3, device = self.t3, self.t3.device
+        text_tokens = torch.atleast_2d(text_tokens).to(dtype=torch.long, device=device)
+        batch = 2 if cfg_weight > 0.0 else 1
+        text_tokens = text_tokens[:1].expand(batch, -1) if text_tokens.size(0) != batch else text_tokens
+        bos = torch.full((batch, 1), self.hp.start_speech_token, dtype=torch.long, device=device)
+        embeds, _ = t3.prepare_input_embeds(
+            t3_cond=t3_cond, text_tokens=text_tokens, speech_tokens=bos, cfg_weight=cfg_weight
+        )
+        bos_embed = t3.speech_emb(bos[:1]) + t3.speech_pos_emb.get_fixed_embedding(0)  # (1, 1, C)
+        return torch.cat([embeds, bos_embed.expand(batch, -1, -1)], dim=1)
+
+    def request(self, t3_cond, text_tokens, options: dict, max_new_tokens: int, generator=None,
+                key=None) -> T3Request:
+        """A decoder request for one text (text_tokens as `T3.inference` takes them)."""
+        text_tokens = torch.atleast_2d(text_tokens)
+        cfg = float(options["cfg_weight"])
+        embeds = self.build_prompt(t3_cond, text_tokens[:1], 1.0 if cfg == 0.0 else cfg)
+        return T3Request(embeds, {k: options[k] for k in self.row_options}, int(max_new_tokens), generator,
+                         text_len=text_tokens.shape[-1], key=key, prefix_len=shared_prefix(embeds))
+
+    # ---- the decoder's hooks (see CachedRunner) -------------------------------------------------
+    row_options = ("cfg_weight", "temperature", "repetition_penalty", "min_p", "top_p")
+
+    @staticmethod
+    def combine(logits, params) -> torch.Tensor:
+        """(2S, V) CFG pairs -> (S, V) float32: `cond + cfg * (cond - uncond)` per slot."""
+        return cfg_combine_pairs(logits, params.cfg_weight)
+
+    @staticmethod
+    def scores(combined, presence, params) -> torch.Tensor:
+        return process_logits(combined, presence, params)
+
+    def finished(self, tokens: list, max_new_tokens: int) -> bool:
+        return tokens[-1] == self.eos or len(tokens) >= max_new_tokens
+
+    # ---- compute ------------------------------------------------------------------------------
+    def prefill(self, embeds, cache) -> torch.Tensor:
+        """Run the prompt; return the last position's speech logits (B, V)."""
+        P = embeds.shape[1]
+        input_pos = torch.arange(P, device=embeds.device)
+        cache.ensure(P)
+        hidden = self.llama.forward(embeds.to(self.llama.dtype), input_pos, cache, P)
+        return self.llama.linear(self.speech_head, hidden[:, -1])
+
+    def prefill_slot(self, request: T3Request, cache, s: int) -> torch.Tensor:
+        """As `CachedRunner.prefill_slot`, with the unconditional row's text shared too.
+
+        The CFG pair's second row has its text embedding zeroed: at text position i it holds
+        only the learned position embedding of i, whatever the text. So its K/V over the text
+        depend on the voice and the position alone, and one table per voice serves every
+        request: it is computed in fixed blocks of TEXT_BLOCK positions, in order, as longer
+        texts need them (every request reads the same numbers, whichever came first), and
+        copied into the slot's second row. Per request, the conditional row runs its text, then
+        both rows run the two BOS positions: about half the prefill of running both rows.
+        Multilingual runs its prompt whole (its analyzer reads the whole prefill's attention
+        maps); a prompt not built the way `build_prompt` builds it takes the plain prefix path."""
+        if self.heads:
+            return self.prefill(request.embeds, cache.rows(2 * s, 2 * s + 2))
+        embeds, n = request.embeds, request.prefix_len
+        P = embeds.shape[1]
+        T = P - n - 2  # text positions (the prompt ends with BOS, BOS)
+        table = self._uncond_text(T)
+        if (T < 1 or table is None or not torch.equal(embeds[1, n : n + T], table[:T])
+                or not torch.equal(embeds[0, P - 2 :], embeds[1, P - 2 :])):
+            return super().prefill_slot(request, cache, s)
+        llama, device = self.llama, embeds.device
+        voice = self.prefixes.get(embeds[0, :n])
+        if voice is None:
+            rows = llama.new_cache(1, _round_up(n + table.shape[0], 256), lazy=True)
+            rows.ensure(n)
+            llama.forward(embeds[:1, :n].to(llama.dtype), torch.arange(n, device=device), rows, n)
+            voice = self.prefixes.put(embeds[0, :n], _VoiceRows(rows, n))
+        while voice.upto < n + T:  # the next block of the unconditional text table
+            a = voice.upto - n
+            b = min(a + TEXT_BLOCK, table.shape[0])
+            voice.rows.ensure(n + b)
+            llama.forward(table[None, a:b].to(llama.dtype), torch.arange(n + a, n + b, device=device),
+                          voice.rows, n + b)
+            voice.upto = n + b
+        cond, uncond = 2 * s, 2 * s + 1
+        cache.ensure(P)
+        for row, length in ((cond, n), (uncond, n + T)):
+            cache.k[:, row, :, :length].copy_(voice.rows.k[:, 0, :, :length])
+            cache.v[:, row, :, :length].copy_(voice.rows.v[:, 0, :, :length])
+        llama.forward(embeds[:1, n : n + T].to(llama.dtype), torch.arange(n, n + T, device=device),
+                      cache.rows(cond, cond + 1), n + T)
+        hidden = llama.forward(embeds[:, P - 2 :].to(llama.dtype), torch.arange(P - 2, P, device=device),
+                               cache.rows(cond, cond + 2), P)
+        return self.head_logits(hidden)
+
+    def _uncond_text(self, length: int) -> torch.Tensor | None:
+        """The unconditional row's text embeddings for every text position (at least `length`),
+        as `T3.prepare_input_embeds` makes them: zero text embedding + learned position."""
+        if self.hp.input_pos_emb != "learned" or self.t3.text_pos_emb is None:
+            return None
+        weight = self.t3.text_pos_emb.emb.weight
+        if weight.shape[0] < length:
+            return None
+        cached = getattr(self, "_uncond_table", None)
+        if cached is None or cached[0] is not weight or cached[1] != weight._version:
+            with torch.inference_mode():
+                cached = self._uncond_table = (weight, weight._version, torch.zeros_like(weight) + weight)
+        return cached[2]
+
+    def slot_logits(self, state: SlotState, cache, kv_len: int) -> torch.Tensor:
+        """The decode step's forward: each slot's `state.token` at its own positions, both CFG
+        rows; speech logits (2S, V). Attention reads `kv_len` cache slots, each row masked past
+        its own position. No host sync: this is what a compiled or captured step runs."""
+        t3, llama = self.t3, self.llama
+        emb = t3.speech_emb(state.token) + t3.speech_pos_emb.emb(state.speech_pos)  # (S, C)
+        x = emb.repeat_interleave(2, dim=0)[:, None].to(llama.dtype)  # (2S, 1, C): both CFG rows
+        input_pos = state.pos.repeat_interleave(2)[:, None]  # (2S, 1)
+        llama.spy_rows = True  # spied maps (multilingual): every row's, (2S, 1, kv_len)
+        try:
+            hidden = llama.forward(x, input_pos, cache, kv_len)
+        finally:
+            llama.spy_rows = False
+        return llama.linear(self.speech_head, hidden[:, -1])
 
     def analyzer_feed(self, embeds, text_len: int | None) -> AnalyzerFeed | None:
         """Multilingual: a fresh upstream alignment analyzer for this decode (None otherwise).
@@ -313,7 +409,9 @@ class T3Runner(CachedRunner):
         for n, token in enumerate(forced.view(-1)):
             emb = self.t3.speech_emb(token.view(1)) + self.t3.speech_pos_emb.emb(speech_pos)  # (1, C)
             x = emb[None].expand(B, 1, -1).to(self.llama.dtype)
-            hidden = self.llama.forward(x, pos, cache, self.kv_len_for(P + n, cache))
+            kv_len = self.kv_len_for(P + n, cache)
+            cache.ensure(kv_len)
+            hidden = self.llama.forward(x, pos, cache, kv_len)
             out.append(cfg_combine(self.llama.linear(self.speech_head, hidden[:, -1]), cfg))
             keep_maps()
             pos.add_(1)

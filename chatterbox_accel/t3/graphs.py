@@ -94,6 +94,7 @@ class CudaGraphStep:
     def capture_all(self, state, cache, kv_lens) -> None:
         """Capture every kv bucket of one decoder now, largest first (the pool is sized by the
         first), so no capture happens in the middle of a request. The state is left as found."""
+        cache.ensure(max(kv_lens))
         saved = [t.clone() for t in (state.token, state.pos, state.speech_pos)]
         for t in (state.token, state.pos, state.speech_pos):
             t.zero_()  # padding rows: each writes position 0 of its own rows

@@ -26,7 +26,10 @@ Weight formats (`precision`; every copy is private, the model's tensors are neve
 - int4 (groups of 64, asymmetric): `int4pack` (`aten._weight_int4pack_mm_for_cpu`, bf16
   activations). Weights whose shape the kernel cannot take (the 8194-row speech head) stay plain.
 
-Each phase gets its kernel: decode-sized products (<= DECODE_ROWS rows) the fastest candidate,
+Each phase gets its kernel: decode-sized products (<= DECODE_ROWS rows) the candidate fastest
+over one pass at the single request's rows plus one at BATCH_ROWS (the batch engine decodes 8
+requests as 16 rows: on an AVX-512 EPYC, `gemv` tied oneDNN at 2 rows and was 2.7x slower at
+16, so a 2-row measurement alone chose the kernel that made batches slow),
 prefill-sized ones the faster of `plain` and that same kernel (so at most one private copy).
 Every prepared copy is checked once against `F.linear` of the weight it stands for; a copy whose
 weight changed later (in place or a new Parameter) is rebuilt before use; a failure at run time
@@ -45,6 +48,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 DECODE_ROWS = 16       # products with at most this many rows count as decode-sized
+BATCH_ROWS = 16        # the batched decode measured too (8 requests of 2 CFG rows, generate_batch)
 PREFILL_ROWS = 96      # the prefill size measured (an English prompt is ~34 + text + 2 rows)
 SAMPLE_BYTES = 256e6   # fp32 bytes of the model's weights timed per candidate (whole layers)
 INT4_GROUP = 64
@@ -278,9 +282,11 @@ class Selection:
             return f"{self.precision}: decode {self.decode}, prefill {self.prefill} (pinned, not measured)"
         parts = []
         for name, t in self.timings.items():
-            parts.append(f"{name} {t['decode'] * 1e3:.1f}/{t['prefill'] * 1e3:.1f} ms")
+            batch = f"/{t['batch'] * 1e3:.1f}" if "batch" in t else ""
+            parts.append(f"{name} {t['decode'] * 1e3:.1f}{batch}/{t['prefill'] * 1e3:.1f} ms")
         parts += [f"{name} skipped ({why})" for name, why in self.skipped.items()]
-        return (f"{self.precision}: decode {self.decode}, prefill {self.prefill}; measured decode/prefill "
+        return (f"{self.precision}: decode {self.decode}, prefill {self.prefill}; measured decode/"
+                f"{BATCH_ROWS}-row decode/prefill "
                 f"per sample pass: " + ", ".join(parts) + f" (in {self.seconds:.2f} s)")
 
 
@@ -301,14 +307,15 @@ def sample_modules(modules, budget: float = SAMPLE_BYTES) -> list:
 
 
 def time_kernel(name: str, modules, plain: Callable, rows: int, reps: int = 3) -> dict:
-    """{phase: best seconds per pass} of one kernel over `modules` at decode and prefill rows,
+    """{phase: best seconds per pass} of one kernel over `modules` at decode, batch and prefill rows,
     through a KernelTable of its own: the same preparation, check and dispatch as decoding uses."""
     kernel = KERNELS[name]
     table = KernelTable(modules, name, name, rows)
     g = torch.Generator().manual_seed(0)
     out = {}
     # The prefill is compute-bound: a quarter of the sample times it as well, 4x faster.
-    for phase, n, part in (("decode", rows, modules), ("prefill", PREFILL_ROWS, modules[: max(1, len(modules) // 4)])):
+    for phase, n, part in (("decode", rows, modules), ("batch", BATCH_ROWS, modules),
+                           ("prefill", PREFILL_ROWS, modules[: max(1, len(modules) // 4)])):
         if kernel.max_rows is not None and n > kernel.max_rows:
             out[phase] = float("inf")  # not used at this size
             continue
@@ -360,7 +367,8 @@ def select(modules, plain: Callable, precision: str = "float32", *, rows: int = 
 
     def cost(name):  # exact path: a private copy (memory) must buy a clear gain, not noise
         copies = KERNELS[name].prepare not in (None, _same)
-        return timings[name]["decode"] * (COPY_MARGIN if precision == "float32" and copies else 1.0)
+        t = timings[name]["decode"] + timings[name].get("batch", 0.0)  # one request, and a batch
+        return t * (COPY_MARGIN if precision == "float32" and copies else 1.0)
 
     decode = min(fmt, key=cost) if fmt else None
     plain_decode = timings["plain"]["decode"]

@@ -162,11 +162,11 @@ class FastLlama:
     def device(self):
         return self.llama.norm.weight.device
 
-    def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
+    def new_cache(self, batch: int, max_len: int, lazy: bool = False) -> StaticKVCache:
         if self.cos is None or self.cos.shape[0] < max_len:
             self.cos, self.sin = rope_table(self.llama, max_len, self.device, self.dtype)
         return StaticKVCache(
-            len(self.layers), batch, self.n_kv_heads, max_len, self.head_dim, self.dtype, self.device
+            len(self.layers), batch, self.n_kv_heads, max_len, self.head_dim, self.dtype, self.device, lazy
         )
 
     def forward(self, x, input_pos, cache: StaticKVCache, kv_len: int):

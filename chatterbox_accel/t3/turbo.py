@@ -9,9 +9,11 @@ It reproduces `T3.inference_turbo` (chatterbox 0.1.7) token for token in distrib
 - the first token never stops the loop (upstream checks EOS only inside its loop); up to
   1 + max_gen_len tokens; a trailing EOS is removed; if every score is -inf, it stops there.
 
-Beyond the static cache, the conditioning prefix's K/V (speaker + voice prompt: 376 of the
-~390 prompt positions) is kept in the cache and reused while the voice stays the same
-(see `TurboRunner.prefill`): a call then runs ~15 prompt positions instead of ~390.
+Decoding runs on the engine's decoder (t3/batch.py), one row per slot, so one request
+(`generate()`, `generate_stream()`) and many (`generate_batch()`) take the same path. The
+conditioning prefix's K/V (speaker + voice prompt: 376 of the ~390 prompt positions) is computed
+once per voice and copied into each slot that uses it (`CachedRunner.prefill_slot`): a call
+with a known voice runs ~15 prompt positions instead of ~390.
 
 The GPT-2 forward reuses the HF modules and weights (`ln_1`, `c_attn`, `c_proj`, `mlp`, `ln_f`,
 `wpe`); attention is SDPA over the static cache (flash-attn where selected), never eager.
@@ -24,12 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .batch import T3Request
 from .cache import StaticKVCache
 from .decode import CachedRunner
 from .model import sdpa_attention
 from .patch import FastInference
 from .kernels import project
-from .sampling import sample
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +84,15 @@ class FastGPT2:
     def device(self):
         return self.gpt2.ln_f.weight.device
 
-    def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
-        return StaticKVCache(len(self.blocks), batch, self.n_heads, max_len, self.head_dim, self.dtype, self.device)
+    def new_cache(self, batch: int, max_len: int, lazy: bool = False) -> StaticKVCache:
+        return StaticKVCache(len(self.blocks), batch, self.n_heads, max_len, self.head_dim, self.dtype,
+                             self.device, lazy)
 
     def forward(self, x, input_pos, cache: StaticKVCache, kv_len: int):
+        """x (B, S, C) at positions input_pos: (S,) shared by every row, or (B, 1) per row (the
+        decoder's slots) -> ln_f hidden (B, S, C)."""
         B, S, C = x.shape
-        x = x + self.gpt2.wpe(input_pos)[None]
+        x = x + (self.gpt2.wpe(input_pos)[None] if input_pos.dim() == 1 else self.gpt2.wpe(input_pos))
         for i, block in enumerate(self.blocks):
             q, k, v = self.conv1d(block.attn.c_attn, block.ln_1(x)).split(C, dim=2)
             q, k, v = (t.view(B, S, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
@@ -137,10 +142,28 @@ def turbo_scores(logits: torch.Tensor, presence: torch.Tensor, p: TurboParams) -
     return scores
 
 
-class TurboRunner(CachedRunner):
-    """Fast `inference_turbo` for one Turbo `T3`. Owns the static KV cache."""
+def turbo_row_scores(logits: torch.Tensor, presence: torch.Tensor, p) -> torch.Tensor:
+    """`turbo_scores` for a batch of rows, each with its own options ((S, 1) tensors of
+    `TurboRunner.request`, where an option upstream would skip is set to its no-op value:
+    temperature 1, top_k V, top_p cut 0, penalty 1, each exact)."""
+    scores = logits.float() / p.temperature
+    kth = scores.sort(dim=-1, descending=True).values.gather(-1, p.top_k.long() - 1)  # (S, 1)
+    scores = scores.masked_fill(scores < kth, float("-inf"))
+    sorted_scores, order = torch.sort(scores, descending=False)
+    remove_sorted = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= p.top_p_cut
+    remove_sorted[..., -1:] = False
+    scores = scores.masked_fill(remove_sorted.scatter(1, order, remove_sorted), float("-inf"))
+    r = p.repetition_penalty
+    return torch.where(presence, torch.where(scores < 0, scores * r, scores / r), scores)
 
-    decode_rows = 1  # no CFG
+
+class TurboRunner(CachedRunner):
+    """Fast `inference_turbo` for one Turbo `T3`: the engine's decoder with one row per slot
+    (no CFG). Owns the KV cache."""
+
+    rows_per_slot = 1
+    row_options = ("temperature", "top_k", "top_p_cut", "repetition_penalty")
+    first_presence_only = True  # upstream's penalty list: BOS for the first token, then the generated ones
 
     def __init__(self, t3, *, attention=sdpa_attention, dtype=None, kv_bucket: int | None = 32,
                  static_cache=True):
@@ -151,11 +174,8 @@ class TurboRunner(CachedRunner):
             self.tfmr = copy.deepcopy(t3.tfmr).to(dtype)
             self.speech_head = copy.deepcopy(t3.speech_head).to(dtype)
         self.gpt2 = FastGPT2(self.tfmr, attention)
-        self.kv_bucket, self.static_cache = kv_bucket, static_cache
-        self.cache: StaticKVCache | None = None
-        self._owner = None
-        self.events: list[str] = []  # run-time fallbacks, as the model's report lists them
-        self._prefix = None  # (cache, conditioning embeddings) whose K/V sit in that cache's first slots
+        self.bos, self.eos = self.hp.start_speech_token, self.hp.stop_speech_token
+        self._init_cache(kv_bucket, static_cache)
 
     @property
     def backbone(self):
@@ -168,94 +188,62 @@ class TurboRunner(CachedRunner):
         return self.t3.prepare_input_embeds(t3_cond=t3_cond, text_tokens=text_tokens,
                                             speech_tokens=bos, cfg_weight=0.0)
 
-    def prefill(self, embeds, len_cond: int, cache) -> torch.Tensor:
-        """Run the prompt; return the last position's logits (1, V).
+    def request(self, t3_cond, text_tokens, params: TurboParams, max_gen_len: int, generator=None,
+                key=None) -> T3Request:
+        """A decoder request: up to 1 + max_gen_len tokens, as `inference_turbo` samples them.
+        Each processor upstream would skip gets its exact no-op value (the top-p cut is
+        1 - top_p taken in double precision, as upstream compares against it)."""
+        if max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
+        embeds, len_cond = self.build_prompt(t3_cond, text_tokens)
+        V = self.hp.speech_tokens_dict_size
+        options = dict(temperature=params.temperature if 0 < params.temperature != 1.0 else 1.0,
+                       top_k=min(params.top_k, V) if params.top_k > 0 else V,
+                       top_p=params.top_p, top_p_cut=1 - params.top_p if params.top_p < 1.0 else 0.0,
+                       repetition_penalty=params.repetition_penalty)
+        return T3Request(embeds, options, 1 + int(max_gen_len), generator, key=key, prefix_len=len_cond)
 
-        The conditioning prefix (speaker + up to 375 voice-prompt tokens, most of the prompt)
-        is the same for every call with the same voice, and GPT-2 is causal: its K/V depend on
-        it alone. So when the prefix equals the one already in this cache, only the text and
-        BOS positions are run, attending to the cached prefix (same math; rounding differs).
-        """
-        P, device = embeds.shape[1], embeds.device
-        prefix = embeds[:, :len_cond]
-        kept = self._prefix
-        start = 0
-        if (kept is not None and kept[0] is cache and kept[1].shape == prefix.shape
-                and torch.equal(kept[1], prefix)):
-            start = len_cond
-        self._prefix = None  # the cache is being written: valid again once this prefill is done
-        logits = self.logits(embeds[:, start:], torch.arange(start, P, device=device), cache, P)
-        if self.static_cache and len_cond > 0:
-            self._prefix = (cache, prefix.clone())
-        return logits
+    # ---- the decoder's hooks (see CachedRunner) -------------------------------------------------
+    @staticmethod
+    def combine(logits, params) -> torch.Tensor:
+        return logits.float()  # one row per slot: nothing to combine
+
+    @staticmethod
+    def scores(combined, presence, params) -> torch.Tensor:
+        return turbo_row_scores(combined, presence, params)
+
+    def finished(self, tokens: list, max_new_tokens: int) -> bool:
+        """Upstream checks EOS only inside its loop: a first token EOS does not stop it."""
+        return len(tokens) >= max_new_tokens or (len(tokens) > 1 and tokens[-1] == self.eos)
+
+    def slot_logits(self, state, cache, kv_len: int) -> torch.Tensor:
+        """The decode step's forward: each slot's `state.token` (its speech embedding only) at its
+        own position; speech logits (S, V)."""
+        x = self.t3.speech_emb(state.token)[:, None]  # (S, 1, C)
+        hidden = self.gpt2.forward(x.to(self.gpt2.dtype), state.pos[:, None], cache, kv_len)
+        return self.gpt2.linear(self.speech_head, hidden[:, -1])
+
+    def token_blocks(self, request: T3Request, first_block: int | None = None, block: int | None = None):
+        """As `CachedRunner.token_blocks`, with a trailing EOS dropped, as upstream drops it (an EOS
+        sampled first does not stop upstream's loop, and stays in its output, as here)."""
+        for ids, finished in super().token_blocks(request, first_block, block):
+            if finished and ids.numel() and int(ids[-1]) == self.eos:
+                ids = ids[:-1]
+            yield ids, finished
 
     def logits(self, x, input_pos, cache, kv_len) -> torch.Tensor:
         hidden = self.gpt2.forward(x.to(self.gpt2.dtype), input_pos, cache, kv_len)
         return self.gpt2.linear(self.speech_head, hidden[:, -1])  # (B, V)
 
-    def generate(self, embeds, len_cond: int, params: TurboParams, max_gen_len: int) -> torch.Tensor:
-        """(1, N) speech tokens, as `inference_turbo` returns them (trailing EOS removed)."""
-        tokens = torch.cat([ids for ids, _ in self.token_blocks(embeds, len_cond, params, max_gen_len)])
-        return tokens[None]
-
-    def token_blocks(self, embeds, len_cond: int, params: TurboParams, max_gen_len: int,
-                     first_block: int | None = None, block: int | None = None):
-        """Decode, yielding `(new ids (1-D), finished)` every `block` tokens (`first_block` first);
-        without sizes, one yield at the end. A trailing EOS is dropped, as upstream drops it (an
-        EOS sampled first does not stop upstream's loop, and stays in its output, as here).
-        Like `T3Runner.token_blocks`, a paused decode whose cache another one took raises."""
-        owner = self._owner = object()
-        eos, device = self.hp.stop_speech_token, embeds.device
-        total = 1 + max_gen_len
-        with torch.inference_mode():
-            B, P, _ = embeds.shape
-            cache = self.get_cache(B, P + total)
-            presence = torch.zeros(1, self.hp.speech_tokens_dict_size, dtype=torch.bool, device=device)
-            presence[0, self.hp.start_speech_token] = True  # upstream's first id list: the BOS
-            out = torch.empty(total, dtype=torch.long, device=device)
-            logits = self.prefill(embeds, len_cond, cache)
-        n, emitted, target, finished = 0, 0, first_block or total, False
-        while True:
-            with torch.inference_mode():
-                scores = turbo_scores(logits, presence, params)
-                if n > 0 and bool(torch.isneginf(scores).all()):
-                    logger.warning("chatterbox_accel: all Turbo logits are -inf; stopping (as upstream)")
-                    finished = True
-                else:
-                    token = sample(scores)
-                    if n == 0:
-                        presence.zero_()  # from now on, the generated tokens only
-                    presence.index_fill_(1, token, True)
-                    out[n : n + 1].copy_(token)
-                    n += 1
-                    finished = n >= total or (n > 1 and int(token) == eos)
-            if finished or n - emitted >= target:
-                ids = out[emitted:n]
-                if finished and n >= 1 and int(out[n - 1]) == eos:
-                    ids = ids[:-1]
-                yield (ids.clone() if block else ids), finished
-                if finished:
-                    return
-                if self._owner is not owner:
-                    raise RuntimeError("another generation ran on this model's T3 while this one was "
-                                       "paused; finish or close a stream before starting the next")
-                emitted, target = n, block or total
-            with torch.inference_mode():
-                pos = torch.full((1,), P + n - 1, dtype=torch.long, device=device)
-                x = self.t3.speech_emb(out[n - 1 : n])[None]  # (1, 1, C)
-                logits = self.logits(x, pos, cache, self.kv_len_for(P + n - 1, cache))
-
     @torch.inference_mode()
     def teacher_forced_logits(self, embeds, len_cond: int, forced: torch.Tensor) -> torch.Tensor:
-        """Speech logits (N+1, V) after the prompt and after each forced token (N,)."""
-        B, P, _ = embeds.shape
-        cache = self.get_cache(B, P + forced.numel() + 1)
-        out = [self.prefill(embeds, len_cond, cache)]
-        for n, token in enumerate(forced.view(-1)):
-            pos = torch.full((1,), P + n, dtype=torch.long, device=embeds.device)
-            x = self.t3.speech_emb(token.view(1, 1))
-            out.append(self.logits(x, pos, cache, self.kv_len_for(P + n, cache)))
-        return torch.cat(out).float()
+        """Speech logits (N+1, V) after the prompt and after each forced token (N,), through the
+        prefill decoding uses (the voice prefix, then the rest) and the installed step."""
+        self.claim()
+        decoder = self.decoder(1)
+        request = T3Request(embeds, dict(temperature=1.0, top_k=1, top_p_cut=0.0, repetition_penalty=1.0,
+                                         top_p=1.0), forced.numel() + 1, prefix_len=len_cond)
+        return decoder.teacher_forced_logits([request], [forced.view(-1)])[0].float()
 
 
 @torch.inference_mode()
@@ -279,12 +267,9 @@ class FastTurboInference(FastInference):
         opts = {**TURBO_DEFAULTS, **kwargs}
         params = TurboParams.make(temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"],
                                   repetition_penalty=opts["repetition_penalty"])
-        max_gen_len = int(opts["max_gen_len"])
-        if max_gen_len < 0:
-            raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
         with torch.inference_mode():
-            embeds, len_cond = self.runner.build_prompt(opts["t3_cond"], opts["text_tokens"])
-        return self.runner.token_blocks(embeds, len_cond, params, max_gen_len, first_block, block)
+            request = self.runner.request(opts["t3_cond"], opts["text_tokens"], params, int(opts["max_gen_len"]))
+        return self.runner.token_blocks(request, first_block, block)
 
 
 def _unsupported(args, kwargs) -> str | None:
