@@ -24,7 +24,6 @@ from .stream import generate_stream, stream_unsupported
 from .t3.decode import T3Runner
 from .t3.graphs import install_step
 from .t3.model import make_flash_attention, sdpa_attention
-from .t3.patch import FastInference
 from .voice import CachedPrepareConditionals, CachedSetTargetVoice, VoiceCache
 
 logger = logging.getLogger(__name__)
@@ -104,21 +103,8 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
             t3_fallback = why and f"{why}; it runs only when the output check verifies it (check=True)"
         if cfg.t3 and t3_fallback:
             report.fallbacks["t3"] = t3_fallback
-        if cfg.t3 and not t3_fallback and getattr(t3, "is_gpt", False):
-            _accelerate_turbo(model, t3, cfg, report, registry)
-        elif cfg.t3 and not t3_fallback:
-            runner = _build_runner(t3, cfg, report)
-            _install_steps(runner, t3, cfg, report)
-            _select_kernels(runner, cfg, report, compiled=runner.step != runner.slot_logits)
-            fast = FastInference(runner)
-            registry.state["t3_runner"], registry.state["t3_inference"] = runner, fast
-            registry.wrap_method(t3, "inference", fast)
-            report.applied.append("t3.static_kv_cache" if cfg.static_cache else "t3.kv_cache")
-            report.applied.append("t3.device_sampler")
-            if cfg.check:
-                report.check = run_output_check(
-                    t3, runner, _builtin_t3_conds(model), steps=cfg.check_steps,
-                    tolerance=_check_tolerance(cfg, runner), precision=_installed_precision(runner))
+        if cfg.t3 and not t3_fallback:
+            _accelerate_t3(model, t3, cfg, report, registry)
         if cfg.compiles_s3gen(str(_model_device(model).type)):
             from .s3gen import compile_estimator
 
@@ -154,6 +140,24 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
         warnings.warn(message, RuntimeWarning, stacklevel=2)
     logger.info("%s", report)
     return report
+
+
+def _accelerate_t3(model, t3, cfg: AccelConfig, report: AccelReport, registry) -> None:
+    """Any family's T3: its runner (Llama or GPT-2, as the T3 itself says), the decode step
+    (compile / CUDA graphs, tried on a warm-up), the CPU kernels, the wrapper of the T3 method
+    generate() calls, then the output check through the installed step."""
+    runner = _build_runner(t3, cfg, report)
+    _install_steps(runner, t3, cfg, report)
+    _select_kernels(runner, cfg, report, compiled=runner.step != runner.slot_logits)
+    fast = runner.wrapper(runner)
+    registry.state["t3_runner"], registry.state["t3_inference"] = runner, fast
+    registry.wrap_method(t3, fast.method.split(".")[-1], fast)
+    report.applied.append("t3.static_kv_cache" if cfg.static_cache else "t3.kv_cache")
+    report.applied.append("t3.device_sampler")
+    if cfg.check:
+        report.check = run_output_check(t3, runner, _builtin_t3_conds(model), steps=cfg.check_steps,
+                                        tolerance=_check_tolerance(cfg, runner),
+                                        precision=_installed_precision(runner))
 
 
 def _attach(model, registry, report, name: str, fn) -> None:
@@ -239,12 +243,13 @@ def _compute_dtype(cfg: AccelConfig, device_type: str, weight_dtype=torch.float3
 def _check_tolerance(cfg: AccelConfig, runner) -> float:
     """The output check's tolerance: the option, else float32's for a float32 run and the
     reduced one for a run in the T3's own bf16/fp16 (which the original also runs in)."""
-    if cfg.check_tolerance is not None or runner.llama.dtype == torch.float32:
+    if cfg.check_tolerance is not None or runner.backbone.dtype == torch.float32:
         return cfg.resolved_tolerance()
     return 5e-2
 
 
-def _build_runner(t3, cfg: AccelConfig, report: AccelReport) -> T3Runner:
+def _build_runner(t3, cfg: AccelConfig, report: AccelReport):
+    """T3Runner (Llama: English, Multilingual) or TurboRunner (GPT-2), by the T3 itself."""
     device_type = t3.device.type
     name = _compute_dtype(cfg, device_type, t3.speech_head.weight.dtype)
     dtype = DTYPE_BY_NAME[name]
@@ -253,6 +258,11 @@ def _build_runner(t3, cfg: AccelConfig, report: AccelReport) -> T3Runner:
     attention = _select_attention(cfg, device_type, dtype, report)
     eos_every = cfg.eos_check_every if cfg.eos_check_every is not None else (
         1 if device_type == "cpu" else 16)  # a CPU "sync" is free; a wasted CPU step is not
+    if getattr(t3, "is_gpt", False):
+        from .t3.turbo import TurboRunner
+
+        return TurboRunner(t3, attention=attention, dtype=dtype, sync_every=eos_every,
+                           static_cache=cfg.static_cache)
     if cfg.compiles_t3(device_type):
         bucket = None  # one static shape for torch.compile
     elif cfg.wants_cuda_graphs(device_type):
@@ -277,12 +287,16 @@ def _select_attention(cfg, device_type, dtype, report):
     return sdpa_attention
 
 
-def _install_steps(runner: T3Runner, t3, cfg: AccelConfig, report: AccelReport):
+def _install_steps(runner, t3, cfg: AccelConfig, report: AccelReport):
     device_type = t3.device.type
     compile_step = cfg.compiles_t3(device_type)
     graphs = cfg.wants_cuda_graphs(device_type)
     if cfg.cuda_graphs and not graphs:
         report.fallbacks["t3.cuda_graphs"] = f"CUDA graphs need a CUDA device, model is on {device_type}"
+    if getattr(t3, "is_gpt", False) and (compile_step or graphs):
+        report.fallbacks["t3.step"] = ("Turbo: torch.compile / CUDA graphs of the GPT-2 step are not "
+                                       "built yet; the step runs eagerly")
+        return
     if runner.heads and (compile_step or graphs):
         report.fallbacks["t3.step"] = ("multilingual: the alignment analyzer runs host code between "
                                        "each step's forward and its sampling, so the step stays eager")
@@ -388,45 +402,12 @@ def _warmup(runner: T3Runner, t3, steps: int = 4):
     cache a real generate() call uses: allocated now for its 1000 new tokens after a prompt
     up to WARMUP_PROMPT_MARGIN longer than the probe's, so the first real call neither
     regrows the cache nor recompiles. CUDA graphs: every kv bucket of the one-slot decoder is
-    captured now, largest first, not in the middle of a request."""
+    captured now (`runner.warm`), largest first, not in the middle of a request."""
     t3_cond, text, _ = probe_inputs(t3, None, 1)
     options = dict(cfg_weight=0.5, temperature=0.8, repetition_penalty=1.2, min_p=0.05, top_p=1.0)
     request = runner.request(t3_cond, text, options, steps)
-    cache = runner.slot_cache(1, request.prompt_len + GENERATE_MAX_NEW_TOKENS + WARMUP_PROMPT_MARGIN)
+    runner.warm(1, request.prompt_len + GENERATE_MAX_NEW_TOKENS + WARMUP_PROMPT_MARGIN)
     runner.generate(request)
-    capture_all = getattr(getattr(runner.step, "fast", None), "capture_all", None) or getattr(
-        runner.step, "capture_all", None)
-    if capture_all is not None and runner.kv_bucket is not None:
-        buckets = range(runner.kv_bucket, cache.max_len + runner.kv_bucket, runner.kv_bucket)
-        capture_all(runner.decoder(1).state, cache, [min(b, cache.max_len) for b in buckets])
-
-
-def _accelerate_turbo(model, t3, cfg: AccelConfig, report: AccelReport, registry) -> None:
-    """Turbo's GPT-2 T3: the fast `inference_turbo` loop, then its output check."""
-    from .check import compare
-    from .t3.turbo import FastTurboInference, TurboRunner, turbo_reference_logits
-
-    device_type = t3.device.type
-    name = _compute_dtype(cfg, device_type)
-    dtype = DTYPE_BY_NAME[name]
-    if dtype != torch.float32:
-        report.applied.append(f"t3.{name}")
-    attention = _select_attention(cfg, device_type, dtype, report)
-    if cfg.compiles_t3(device_type) or cfg.wants_cuda_graphs(device_type):
-        report.fallbacks["t3.step"] = ("Turbo: torch.compile / CUDA graphs of the GPT-2 step are not "
-                                       "built yet; the step runs eagerly")
-    runner = TurboRunner(t3, attention=attention, dtype=dtype, static_cache=cfg.static_cache)
-    _select_kernels(runner, cfg, report, compiled=False)
-    fast = FastTurboInference(runner)
-    registry.state["t3_runner"], registry.state["t3_inference"] = runner, fast
-    registry.wrap_method(t3, "inference_turbo", fast)
-    report.applied.append("t3.static_kv_cache" if cfg.static_cache else "t3.kv_cache")
-    if cfg.check:
-        t3_cond, text, forced = probe_inputs(t3, _builtin_t3_conds(model), cfg.check_steps, 0.0)
-        embeds, len_cond = runner.build_prompt(t3_cond, text[:1])
-        ref = turbo_reference_logits(t3, embeds, forced)
-        fast = runner.teacher_forced_logits(embeds, len_cond, forced)
-        report.check = compare(fast, ref, cfg.resolved_tolerance(), _installed_precision(runner))
 
 
 def _model_device(model) -> torch.device:

@@ -135,6 +135,15 @@ ATTENTION_LIMIT_REDUCED = 0.05
 
 def run_output_check(t3, runner, conds_t3, *, steps: int, tolerance: float, cfg_weight=0.5,
                      precision: str = "float32") -> CheckResult:
+    """Teacher-forced logits of the runner (through its installed step) against the untouched
+    model's forward over the same prompt and tokens."""
+    if getattr(t3, "is_gpt", False):  # Turbo: no CFG, GPT-2's own forward as the reference
+        from .t3.turbo import turbo_reference_logits
+
+        t3_cond, text, forced = probe_inputs(t3, conds_t3, steps, 0.0)
+        embeds, len_cond = runner.build_prompt(t3_cond, text[:1])
+        ref = turbo_reference_logits(t3, embeds, forced)
+        return compare(runner.teacher_forced_logits(embeds, len_cond, forced), ref, tolerance, precision)
     t3_cond, text, forced = probe_inputs(t3, conds_t3, steps, cfg_weight)
     embeds = runner.build_prompt(t3_cond, text, cfg_weight)
     ref = reference_logits(t3, embeds, forced, cfg_weight).float()

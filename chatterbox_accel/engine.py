@@ -24,7 +24,6 @@ raises `ValueError` naming it. `model.conds` is left as it was.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import weakref
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .families import FAMILIES, REQUIRED, family_of, generate_options
+from .patching import shadowed
 from .s3gen_batch import flow_mels, on_device, row_noise, vocode
 from .s3gen_fast import modes_of
 from .stream import SPEECH_VOCAB, _check_language, text_tokens_for, with_exaggeration
@@ -228,7 +228,7 @@ def _generate_alone(model, row: _Row, metrics: BatchMetrics) -> list[Result]:
             seen["s3gen"] = time.perf_counter() - t
 
     opts = {k: v for k, v in row.options.items() if k != "max_new_tokens"}
-    with _shadowed(s3gen, "inference", recording):
+    with shadowed(s3gen, "inference", recording):
         wav = model.generate(row.text, audio_prompt_path=row.path, **opts)
     tokens = torch.atleast_1d(seen["tokens"].detach().view(-1).cpu())
     metrics.s3gen_seconds = seen.get("s3gen", 0.0)
@@ -258,22 +258,6 @@ def _run(model, family, rows, max_batch, metrics, progress) -> list[Result]:
             return _synthesize(model, rows, max_batch, metrics, bar)
     finally:
         model.conds = saved_conds
-
-
-@contextlib.contextmanager
-def _shadowed(obj, attr, value):
-    """`obj.attr` is `value` for the block (an instance attribute; whatever the instance held
-    there before, an accelerate() patch included, is put back)."""
-    missing = object()
-    previous = obj.__dict__.get(attr, missing)
-    obj.__dict__[attr] = value
-    try:
-        yield
-    finally:
-        if previous is missing:
-            obj.__dict__.pop(attr, None)
-        else:
-            obj.__dict__[attr] = previous
 
 
 def _bar_off(progress):
@@ -329,7 +313,7 @@ def _decode(runner, requests, max_batch, metrics, bar):
     """Every request through the runner's decoder of min(max_batch, N) slots; yields (request,
     tokens) as each finishes."""
     runner.claim()  # a paused stream on this model's T3 loses its slot (it raises if resumed)
-    decoder = runner.decoder(min(max_batch, len(requests)))
+    decoder = runner.warm(runner.slots_for(len(requests), max_batch), max(r.max_len for r in requests))
     steps = decoder.steps
     yield from decoder.run(requests, progress=bar.update)
     metrics.t3_steps = decoder.steps - steps

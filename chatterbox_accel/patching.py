@@ -20,6 +20,22 @@ _MISSING = object()
 REGISTRY_ATTR = "_chatterbox_accel_registry"
 
 
+@contextlib.contextmanager
+def shadowed(obj, attr: str, value):
+    """`obj.attr` is `value` for the block (an instance attribute; whatever the instance held
+    there before, an accelerate() patch included, is put back). For one call's instrumentation:
+    capturing the tokens `generate()` hands S3Gen, timing a stage."""
+    previous = obj.__dict__.get(attr, _MISSING)
+    obj.__dict__[attr] = value
+    try:
+        yield
+    finally:
+        if previous is _MISSING:
+            obj.__dict__.pop(attr, None)
+        else:
+            obj.__dict__[attr] = previous
+
+
 @dataclass
 class _Patch:
     obj: Any

@@ -384,18 +384,13 @@ def _generate_blocks(model, text, options, first_block, block, box):
         captured["tokens"] = speech_tokens
         raise _Captured
 
-    s3gen = model.s3gen
-    previous = s3gen.__dict__.get("inference")
-    s3gen.__dict__["inference"] = capture  # an instance attribute shadows the method for this call
+    from .patching import shadowed
+
     try:
-        model.generate(text, **options)
+        with shadowed(model.s3gen, "inference", capture):  # for this call only
+            model.generate(text, **options)
     except _Captured:
         pass
-    finally:
-        if previous is None:
-            del s3gen.__dict__["inference"]
-        else:
-            s3gen.__dict__["inference"] = previous
     ids = torch.atleast_1d(captured["tokens"].view(-1))
     box["n"] = ids.numel()
     start, size = 0, first_block

@@ -2,16 +2,19 @@
 """Many utterances: original sequential generate(), accelerated sequential generate(), and
 generate_batch(), side by side on one full-size English model (random weights), one process.
 
-    python scripts/bench_batch.py [--ns 1,2,4,8] [--tokens 75] [--voice-seconds 3] [--mixed-voices]
-        [--checkpoint DIR] [--out bench/results/NAME.json]
+    python scripts/bench_batch.py [--family english|turbo] [--ns 1,2,4,8] [--tokens 75]
+        [--voice-seconds 3] [--mixed-voices] [--checkpoint DIR] [--out bench/results/NAME.json]
 
 Each utterance is ~3 s (the checkpoint's T3 stops after --tokens speech tokens; 25 = 1 s), the
 voice ~3 s. For each N: N different texts run by each path, every request seeded (sequential
 paths: torch.manual_seed(seed) before each generate(); generate_batch: seed=[...]). Stages:
 T3 (aggregate speech tokens per T3 wall second), S3Gen flow, vocoder (HiFT), watermark;
 end to end: audio seconds per wall second (above 1: faster than real time); peak RSS.
-Every derived column is computed from the measured values beside it. A table, then one JSON
-line (also written to --out when given).
+Every derived column is computed from the measured values beside it. T3 ratios are given
+against both measurements of the accelerated single-utterance path: its N = 1 run, and the
+same-N sequential run (the same path over the same N texts, measured minutes apart, so less
+exposed to a shared VM's drift). A table, then one JSON line (also written to --out when given).
+Turbo (`--family turbo`): its T3 stops after about --tokens speech tokens past a ~12-token text.
 """
 import argparse
 import json
@@ -28,7 +31,9 @@ import torch  # noqa: E402
 
 from chatterbox_accel import accelerate  # noqa: E402
 from chatterbox_accel.benchmark import hardware, json_line, versions  # noqa: E402
-from chatterbox_accel.checkpoints import synthetic_voice, write_english_checkpoint  # noqa: E402
+from chatterbox_accel.checkpoints import (synthetic_voice, write_english_checkpoint,  # noqa: E402
+                                          write_turbo_checkpoint)
+from chatterbox_accel.families import FAMILIES  # noqa: E402
 from chatterbox_accel.e2e import PeakMemory  # noqa: E402
 from chatterbox_accel.engine import generate_batch  # noqa: E402
 from chatterbox_accel.patching import get_registry  # noqa: E402
@@ -56,8 +61,8 @@ TEXTS = [
 class StageTimer:
     """Wall time spent in model methods (instance attributes, removed on exit)."""
 
-    def __init__(self, model):
-        self.targets = {"t3": (model.t3, "inference"), "s3gen": (model.s3gen, "inference"),
+    def __init__(self, model, t3_method="inference"):
+        self.targets = {"t3": (model.t3, t3_method), "s3gen": (model.s3gen, "inference"),
                         "vocoder": (model.s3gen, "hift_inference"),
                         "watermark": (model.watermarker, "apply_watermark")}
         self.seconds = dict.fromkeys(self.targets, 0.0)
@@ -93,6 +98,7 @@ _MISSING = object()
 
 
 DEVICE = "cpu"
+FAMILY = FAMILIES["english"]
 
 
 def sequential(model, texts, voices, seeds, original: bool):
@@ -101,7 +107,7 @@ def sequential(model, texts, voices, seeds, original: bool):
     import contextlib
 
     suspend = get_registry(model).suspended() if original else contextlib.nullcontext()
-    with suspend, PeakMemory(DEVICE) as mem, StageTimer(model) as timer:
+    with suspend, PeakMemory(DEVICE) as mem, StageTimer(model, FAMILY.t3_method) as timer:
         start = time.perf_counter()
         audio = 0.0
         for text, voice, seed in zip(texts, voices, seeds):
@@ -132,6 +138,7 @@ def derive(row):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="english", choices=["english", "turbo"])
     ap.add_argument("--ns", default="1,2,4,8")
     ap.add_argument("--tokens", type=int, default=75, help="speech tokens per utterance (75 = 3 s)")
     ap.add_argument("--voice-seconds", type=float, default=3.0)
@@ -142,13 +149,19 @@ def main():
     ap.add_argument("--skip-original", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (peak memory: RSS on cpu, allocated on cuda)")
     args = ap.parse_args()
-    global DEVICE
-    DEVICE = args.device
+    global DEVICE, FAMILY
+    DEVICE, FAMILY = args.device, FAMILIES[args.family]
     logging.basicConfig(level=logging.WARNING)
-    from chatterbox.tts import ChatterboxTTS
+    import importlib
 
-    folder = write_english_checkpoint(args.checkpoint, stop_after=args.tokens, voice_seconds=args.voice_seconds)
-    model = ChatterboxTTS.from_local(folder, args.device)
+    cls = getattr(importlib.import_module(FAMILY.module), FAMILY.class_name)
+    if args.family == "turbo":
+        folder = write_turbo_checkpoint(args.checkpoint + "-turbo", stop_after=args.tokens + 12,
+                                        voice_seconds=args.voice_seconds,
+                                        prompt_tokens=min(375, int(25 * args.voice_seconds)))
+    else:
+        folder = write_english_checkpoint(args.checkpoint, stop_after=args.tokens, voice_seconds=args.voice_seconds)
+    model = cls.from_local(folder, args.device)
     second = Path(folder) / "second_voice.wav"
     sf.write(str(second), synthetic_voice(seconds=args.voice_seconds, sr=24000, seed=7).numpy(), 24000)
     report = accelerate(model)
@@ -186,15 +199,18 @@ def main():
         b, seq, orig = by[(n, "generate_batch")], by[(n, "accelerated sequential")], by.get((n, "original sequential"))
         ratios[n] = {
             "t3_tok_s_vs_accelerated_single": b["t3_tok_s"] / single["t3_tok_s"] if single else None,
+            "t3_tok_s_vs_accelerated_sequential": b["t3_tok_s"] / seq["t3_tok_s"],
             "e2e_vs_accelerated_sequential": b["audio_per_wall"] / seq["audio_per_wall"],
             "e2e_vs_original_sequential": b["audio_per_wall"] / orig["audio_per_wall"] if orig else None,
         }
+        orig_ratio = ratios[n]["e2e_vs_original_sequential"]
         print(f"N={n}: generate_batch T3 tok/s = {ratios[n]['t3_tok_s_vs_accelerated_single'] or 0:.2f}x the "
-              f"accelerated single utterance; end to end {ratios[n]['e2e_vs_accelerated_sequential']:.2f}x "
-              f"accelerated sequential, {ratios[n]['e2e_vs_original_sequential'] or 0:.2f}x original sequential")
-    summary = dict(bench="batch", family="english", weights="random", hardware=hardware(), versions=versions(),
+              f"accelerated single utterance (N=1 run), {ratios[n]['t3_tok_s_vs_accelerated_sequential']:.2f}x "
+              f"its same-N sequential run; end to end {ratios[n]['e2e_vs_accelerated_sequential']:.2f}x "
+              f"accelerated sequential" + (f", {orig_ratio:.2f}x original sequential" if orig_ratio else ""))
+    summary = dict(bench="batch", family=args.family, weights="random", hardware=hardware(), versions=versions(),
                    command="python scripts/bench_batch.py " + " ".join(
-                       f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                       f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
                        if v not in (False, "", 0, "cpu") and k not in ("checkpoint", "out")),
                    tokens_per_utterance=args.tokens, voice_seconds=args.voice_seconds,
                    mixed_voices=args.mixed_voices, kernels=str(report.kernels) if hasattr(report, "kernels") else None,

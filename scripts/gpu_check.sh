@@ -108,13 +108,16 @@ fi
 # ---- end to end, streaming, quality (full-size checkpoints; not at CPU sizes) -----------------
 if [ "$MODE" != cpu ]; then
   LEN=$([ "$MODE" = quick ] && echo 3 || echo 10)
+  # The batch engine first (issue 11: N = 1..16 against the original sequential generate()).
+  NS=$([ "$MODE" = quick ] && echo 1,16 || echo 1,2,4,8,16)
+  part batch_english $PY scripts/bench_batch.py --device cuda --ns "$NS"
+  [ "$MODE" = gpu ] && part batch_turbo $PY scripts/bench_batch.py --family turbo --device cuda --ns 1,16 --skip-original
   part e2e_english $PY -m chatterbox_accel.cli bench --device cuda --lengths "$LEN" --repeats 2 --no-chart --json-only
   part stream_english $PY scripts/bench_stream.py --device cuda --seconds "$LEN" --voice-seconds 10
   if [ "$MODE" = gpu ]; then
     part e2e_turbo $PY -m chatterbox_accel.cli bench --model turbo --device cuda --lengths 10 --repeats 2 --no-chart --json-only
     part e2e_multilingual $PY -m chatterbox_accel.cli bench --model multilingual --device cuda --lengths 10 --repeats 2 --no-chart --json-only
     part stream_turbo $PY scripts/bench_stream.py --model turbo --device cuda --seconds 10 --voice-seconds 10
-    part batch_english $PY scripts/bench_batch.py --device cuda --ns 1,4,16
     part quality_english $PY scripts/bench_quality.py --model english --seconds 3 --voice-seconds 3 --modes "exact,s3gen steps=5,s3gen cfg off,s3gen bfloat16,preset fast"
   fi
 fi

@@ -215,3 +215,52 @@ def test_unconditional_text_table_is_per_voice_and_order_free(t3, runner, monkey
     assert torch.equal(logits(10)[0], alone)
     want = original_forced_logits(t3, cond, text(150).expand(2, -1), forced, 0.5, monkeypatch)
     assert (long[: forced.numel()] - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_reading_ids_every_k_steps_gives_the_same_tokens():
+    """Guards the GPU path's deferred host reads (sync_every > 1, eos_check_every on CUDA): rows
+    that sample EOS or reach max_new_tokens between two reads end exactly where an every-step
+    read ends them (the ids decoded past the end are dropped), and queued requests still join."""
+    t3 = tiny_t3(seed=1, layers=2, stop_after=9)  # the shaped head makes EOS likely after ~9 tokens
+    runner = T3Runner(t3, attention=sdpa_attention)
+
+    def reqs():
+        return [request(runner, 8, s, m) for s, m in ((1, 30), (2, 5), (3, 13), (4, 30))]
+
+    every = {r.key: t for r, t in SlotDecoder(runner, 2).run(reqs())}
+    deferred = SlotDecoder(runner, 2, sync_every=4)
+    late = {r.key: t for r, t in deferred.run(reqs())}
+    assert every.keys() == late.keys() and all(torch.equal(every[k], late[k]) for k in every)
+    assert any(t[-1] == t3.hp.stop_speech_token for t in every.values())  # some rows stopped at EOS
+    assert any(t.numel() == 5 for t in every.values())  # one row stopped at its max_new_tokens
+
+
+def test_captured_steps_use_batch_buckets_captured_before_decoding(runner):
+    """Guards the batch buckets of a captured step (nano-vllm's pattern): with graphs, 3
+    requests get a 4-slot decoder (a free slot is a padding row), and every kv bucket of it is
+    captured by `warm` before the first step, largest first; without graphs, 3 slots."""
+    import types
+
+    from chatterbox_accel.t3.graphs import CudaGraphStep, GuardedStep
+
+    seen = []
+
+    def capture(state, cache, kv_len):
+        seen.append((state.slots, kv_len))
+        out = runner.slot_logits(state, cache, kv_len).clone()
+        return types.SimpleNamespace(replay=lambda: out.copy_(runner.slot_logits(state, cache, kv_len))), out
+
+    assert runner.slots_for(3, 8) == 3
+    eager = runner.step
+    runner.step = GuardedStep(runner, CudaGraphStep(runner.slot_logits, capture=capture), "fake graphs")
+    try:
+        assert runner.slots_for(3, 8) == 4 and runner.slots_for(3, 3) == 3 and runner.slots_for(9, 16) == 16
+        decoder = runner.warm(4, 300)
+        kv = [k for s, k in seen]
+        assert seen and all(s == 4 for s, _ in seen) and kv == sorted(kv, reverse=True)
+        assert kv[0] == runner.slot_cache(4, 1).max_len and len(set(kv)) == len(kv)
+        captured = len(seen)
+        out = {r.key: t for r, t in decoder.run([request(runner, 8, s, 10) for s in (1, 2, 3)])}
+        assert len(seen) == captured and len(out) == 3  # decoding replayed, never captured
+    finally:
+        runner.step = eager

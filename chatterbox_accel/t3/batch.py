@@ -179,6 +179,7 @@ class SlotDecoder:
         device = runner.backbone.device
         self.state = SlotState.empty(slots, device)
         self.presence = torch.zeros(slots, runner.hp.speech_tokens_dict_size, dtype=torch.bool, device=device)
+        self.on = torch.zeros(slots, dtype=torch.bool, device=device)  # slots holding a request (device copy)
         self.params = RowParams.empty(slots, device, runner.row_options)
         self.rows: list[_Slot | None] = [None] * slots
         self.queue: deque[T3Request] = deque()
@@ -279,6 +280,7 @@ class SlotDecoder:
             self.presence[s, first[0]] = True
         self.state.token[s] = first[0].clamp_min(0)
         self.state.pos[s], self.state.speech_pos[s] = P, 1
+        self.on[s] = True
         return int(first[0])
 
     def _decode(self, active, events) -> None:
@@ -295,7 +297,7 @@ class SlotDecoder:
         generators = [row.request.generator if row is not None else None for row in self.rows]
         nxt = self._sample(combined, self.presence, self.params, generators, active)
         self.steps += 1
-        on = torch.tensor(active, device=nxt.device)
+        on = self.on  # the host's `active`, kept on the device (no copy per step)
         state.token.copy_(torch.where(on & (nxt >= 0), nxt, state.token))
         state.pos.add_(on.long())
         state.speech_pos.add_(on.long())
@@ -344,6 +346,7 @@ class SlotDecoder:
     @torch.inference_mode()
     def _free(self, s: int) -> None:
         self.rows[s] = None
+        self.on[s] = False
         self.state.pos[s] = 0  # a free slot computes at position 0 of its own rows
         self.state.token[s] = 0
         self.state.speech_pos[s] = 0

@@ -25,6 +25,7 @@ from .alignment import AnalyzerFeed, aligned_heads, new_analyzer
 from .batch import PrefixCache, SlotDecoder, SlotState, T3Request, cfg_combine_pairs, shared_prefix
 from .cache import StaticKVCache
 from .model import FastLlama
+from .patch import FastInference
 from .sampling import cfg_combine, process_logits
 
 logger = logging.getLogger(__name__)
@@ -170,6 +171,27 @@ class CachedRunner:
             decoder = self._decoders[slots] = SlotDecoder(self, slots, sync_every=self.sync_every)
         return decoder
 
+    @torch.inference_mode()
+    def warm(self, slots: int, length: int) -> SlotDecoder:
+        """The decoder of `slots` slots, its cache allocated for `length` positions; where the
+        installed step captures CUDA graphs, every kv bucket of that decoder is captured now,
+        largest first, not in the middle of a request."""
+        decoder = self.decoder(slots)
+        cache = self.slot_cache(slots, length)
+        capture_all = getattr(self.step, "capture_all", None)
+        if capture_all is not None and self.kv_bucket is not None:
+            buckets = range(self.kv_bucket, cache.max_len + self.kv_bucket, self.kv_bucket)
+            capture_all(decoder.state, cache, [min(b, cache.max_len) for b in buckets])
+        return decoder
+
+    def slots_for(self, requests: int, max_batch: int) -> int:
+        """Slots for a batch: as many as requests (up to max_batch); with captured graphs, the
+        next power of two (a few batch buckets, each captured once; free slots are padding)."""
+        slots = min(requests, max_batch)
+        if getattr(self.step, "can_capture", False):
+            slots = min(1 << (slots - 1).bit_length(), max_batch)
+        return slots
+
     def claim(self) -> object:
         """Start a decode that owns the cache: requests of any other decode in flight on this
         runner (a paused stream) are dropped, and that decode raises when it resumes."""
@@ -212,6 +234,8 @@ class CachedRunner:
 class T3Runner(CachedRunner):
     """Fast decoding for one `T3` instance (English or Multilingual). Owns the KV cache, the
     installed decode step and one `SlotDecoder` per slot count."""
+
+    wrapper = FastInference  # what replaces `T3.inference`
 
     def __init__(self, t3, *, attention, dtype=None, sync_every=1, kv_bucket: int | None = 64,
                  static_cache=True):

@@ -42,6 +42,23 @@ class GuardedStep:
         if invalidate is not None:
             invalidate()
 
+    @property
+    def can_capture(self) -> bool:
+        return getattr(self.fast, "can_capture", False)
+
+    def capture_all(self, state, cache, kv_lens) -> None:
+        """The fast step's `capture_all` (none: nothing to do), guarded like a step: a failure
+        switches to eager."""
+        if not self.can_capture:
+            return
+        try:
+            self.fast.capture_all(state, cache, kv_lens)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            logger.warning("chatterbox_accel: %s capture failed (%s); using the eager step.", self.name, self.error)
+            self.runner.step = self.runner.slot_logits
+            report_fallback(self.runner, f"{self.name} capture", self.error)
+
 
 def report_fallback(runner, what: str, error: str) -> None:
     """Record a run-time fallback where the model's report shows it (`runner.events`)."""
@@ -62,6 +79,8 @@ class CudaGraphStep:
     graphs share one memory pool; `capture_all` captures a slot count's kv buckets, largest
     first, at warm-up. `capture` (tests: a fake) makes (graph with .replay(), output) for one shape.
     """
+
+    can_capture = True
 
     def __init__(self, inner, capture=None):
         self.inner = inner
@@ -100,7 +119,8 @@ class CudaGraphStep:
             t.zero_()  # padding rows: each writes position 0 of its own rows
         try:
             for kv_len in sorted(set(kv_lens), reverse=True):
-                self(state, cache, kv_len)
+                if (state.slots, kv_len) not in self.graphs or self.owners.get(state.slots) != (state, cache):
+                    self(state, cache, kv_len)
         finally:
             for t, v in zip((state.token, state.pos, state.speech_pos), saved):
                 t.copy_(v)

@@ -166,7 +166,7 @@ class TurboRunner(CachedRunner):
     first_presence_only = True  # upstream's penalty list: BOS for the first token, then the generated ones
 
     def __init__(self, t3, *, attention=sdpa_attention, dtype=None, kv_bucket: int | None = 32,
-                 static_cache=True):
+                 static_cache=True, sync_every: int = 1):
         self.t3, self.hp = t3, t3.hp
         self.tfmr, self.speech_head = t3.tfmr, t3.speech_head
         if dtype is not None and dtype != t3.speech_head.weight.dtype:
@@ -175,7 +175,7 @@ class TurboRunner(CachedRunner):
             self.speech_head = copy.deepcopy(t3.speech_head).to(dtype)
         self.gpt2 = FastGPT2(self.tfmr, attention)
         self.bos, self.eos = self.hp.start_speech_token, self.hp.stop_speech_token
-        self._init_cache(kv_bucket, static_cache)
+        self._init_cache(kv_bucket, static_cache, sync_every)
 
     @property
     def backbone(self):
@@ -270,6 +270,9 @@ class FastTurboInference(FastInference):
         with torch.inference_mode():
             request = self.runner.request(opts["t3_cond"], opts["text_tokens"], params, int(opts["max_gen_len"]))
         return self.runner.token_blocks(request, first_block, block)
+
+
+TurboRunner.wrapper = FastTurboInference  # what replaces `T3.inference_turbo`
 
 
 def _unsupported(args, kwargs) -> str | None:
