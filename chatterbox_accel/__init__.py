@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 __all__ = ["accelerate", "restore", "is_accelerated", "AccelConfig", "AccelReport",
            "OutputCheckError", "OptimizedChatterboxTTS", "OptimizedChatterboxMultilingualTTS",
            "OptimizedChatterboxTurboTTS", "save_voice", "load_voice", "generate_stream", "StreamMetrics",
-           "generate_batch"]
+           "generate_batch", "reserve_batch"]
 
 
 def __getattr__(name):
@@ -23,9 +23,9 @@ def __getattr__(name):
     if name in ("save_voice", "load_voice"):
         from . import voice
         return getattr(voice, name)
-    if name == "generate_batch":
+    if name in ("generate_batch", "reserve_batch"):
         from . import engine
-        return engine.generate_batch
+        return getattr(engine, name)
     if name in ("generate_stream", "StreamMetrics"):
         from . import stream
         return getattr(stream, name)

@@ -183,6 +183,29 @@ def _check_rows(model, rows):
 
 
 # ---- the pipeline -----------------------------------------------------------------------------
+def reserve_batch(model, max_batch: int = DEFAULT_MAX_BATCH, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                  prompt_len: int = 512) -> int:
+    """Allocate, and touch, the T3 KV cache `generate_batch(..., max_batch=max_batch)` decodes in,
+    for prompts up to `prompt_len` positions and `max_new_tokens` new tokens; returns its bytes.
+
+    For a service at start-up: the first batch of a size otherwise pays the allocation (on a CPU
+    the first touch of each page: ~1 s per GB measured on a 2-core EPYC) inside its latency,
+    and a cache too large for the machine fails here rather than mid-request. Where the T3
+    step is captured (CUDA graphs), that batch size's graphs are captured now too."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    if family_of(model) not in BATCH_FAMILIES:
+        raise ValueError(f"reserve_batch serves {', '.join(BATCH_FAMILIES)} models, not {type(model).__name__}")
+    check_lengths(model.t3.hp, None, max_new_tokens)
+    runner = _runner(model)
+    length = prompt_len + max_new_tokens
+    slots = runner.slots_for(max_batch, max_batch)
+    runner.warm(slots, length)
+    cache = runner.slot_cache(slots, length)
+    cache.ensure(cache.max_len)
+    return runner.cache.nbytes
+
+
 def generate_batch(model, texts, audio_prompt_path=None, seed=None, *, max_batch: int = DEFAULT_MAX_BATCH,
                    progress: bool | None = None, **options) -> BatchResults:
     """Synthesize `texts` (a list of strings); one `Result` per text, in order.

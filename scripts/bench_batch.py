@@ -35,7 +35,7 @@ from chatterbox_accel.checkpoints import (synthetic_voice, write_english_checkpo
                                           write_turbo_checkpoint)
 from chatterbox_accel.families import FAMILIES  # noqa: E402
 from chatterbox_accel.e2e import PeakMemory  # noqa: E402
-from chatterbox_accel.engine import generate_batch  # noqa: E402
+from chatterbox_accel.engine import generate_batch, reserve_batch  # noqa: E402
 from chatterbox_accel.patching import get_registry  # noqa: E402
 
 TEXTS = [
@@ -166,8 +166,10 @@ def main():
     sf.write(str(second), synthetic_voice(seconds=args.voice_seconds, sr=24000, seed=7).numpy(), 24000)
     report = accelerate(model)
     ns = [int(n) for n in args.ns.split(",")]
-    # Warm-up (not recorded): numba/librosa in the watermarker, the kernels, both paths.
+    # Warm-up (not recorded): numba/librosa in the watermarker, the kernels, both paths; and the
+    # KV cache of the largest batch reserved (allocated and touched) as a service does at start.
     warm = [TEXTS[0], TEXTS[1]]
+    reserved = reserve_batch(model, args.max_batch or max(int(n) for n in args.ns.split(",")))
     sequential(model, warm[:1], [None], [0], original=True)
     sequential(model, warm[:1], [None], [0], original=False)
     batched(model, warm, [None, str(second) if args.mixed_voices else None], [0, 1], 2)
@@ -213,7 +215,8 @@ def main():
                        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
                        if v not in (False, "", 0, "cpu") and k not in ("checkpoint", "out")),
                    tokens_per_utterance=args.tokens, voice_seconds=args.voice_seconds,
-                   mixed_voices=args.mixed_voices, kernels=str(report.kernels) if hasattr(report, "kernels") else None,
+                   mixed_voices=args.mixed_voices, kv_cache_reserved_mb=reserved / 2**20,
+                   kernels=str(report.kernels) if hasattr(report, "kernels") else None,
                    rows=rows, ratios=ratios)
     line = json_line(summary)
     print(line)

@@ -142,3 +142,20 @@ def test_bad_input_is_refused_before_any_work(tiny_model, monkeypatch, texts, kw
 
 def test_package_exports_generate_batch():
     assert chatterbox_accel.generate_batch is generate_batch
+
+
+def test_reserve_batch_allocates_the_cache_generate_batch_uses(tiny_model):
+    """A service reserves its batch's KV cache at start: allocated and touched for max_batch
+    slots, then used by generate_batch as is (not reallocated mid-request)."""
+    from chatterbox_accel import reserve_batch
+    from chatterbox_accel.engine import _runner
+
+    nbytes = reserve_batch(tiny_model, 3, max_new_tokens=64, prompt_len=128)
+    cache = _runner(tiny_model).cache
+    assert nbytes == cache.nbytes > 0 and cache.batch == 2 * 3 and cache.ready == cache.max_len >= 192
+    generate_batch(tiny_model, TEXTS, seed=[1, 2, 3], max_new_tokens=8, max_batch=3)
+    assert _runner(tiny_model).cache is cache
+    with pytest.raises(ValueError, match="max_batch"):
+        reserve_batch(tiny_model, 0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        reserve_batch(tiny_model, 2, max_new_tokens=0)

@@ -264,3 +264,32 @@ def test_captured_steps_use_batch_buckets_captured_before_decoding(runner):
         assert len(seen) == captured and len(out) == 3  # decoding replayed, never captured
     finally:
         runner.step = eager
+
+
+def test_requests_arriving_and_leaving_mid_decode(runner):
+    """Guards the step-wise API a server uses: a request submitted while another decodes joins
+    at the next step and decodes as it would alone; a cancelled one (a gone client) frees its
+    slot at once, and a queued one can be cancelled before it starts."""
+    a, b, c = request(runner, 8, 1, 30), request(runner, 12, 2, 15), request(runner, 9, 3, 10)
+    decoder = SlotDecoder(runner, 2)
+    decoder.submit(a)
+    got = {id(a): [], id(b): []}
+
+    def step():
+        for r, new, _ in decoder.step():
+            got[id(r)] += new
+
+    for _ in range(4):
+        step()
+    decoder.submit(b)
+    decoder.submit(c)
+    decoder.cancel(c)  # still queued: never starts
+    step()
+    assert decoder.rows[1] is not None and decoder.rows[1].request is b
+    decoder.cancel(a)
+    assert decoder.rows[0] is None and len(got[id(a)]) == 6  # its first token and 5 steps
+    while decoder.busy:
+        step()
+    assert set(got) == {id(a), id(b)}
+    alone = [t for _, t in SlotDecoder(runner, 1).run([reseeded(b)])][0]
+    assert torch.equal(torch.tensor(got[id(b)]), alone) and alone.numel() == 15

@@ -88,3 +88,39 @@ def test_bad_sampling_options(kwargs, match):
     base = dict(cfg_weight=0.5, temperature=0.8, repetition_penalty=1.2, min_p=0.05, top_p=1.0)
     with pytest.raises(ValueError, match=match):
         SamplingParams.make("cpu", **{**base, **kwargs})
+
+
+def test_turbo_row_processors_match_transformers_row_by_row():
+    """Turbo's per-row processors (t3/turbo.py) against the warpers `inference_turbo` builds for
+    each row's own options, including the ones it skips (temperature 1 or <= 0, top_k 0,
+    top_p 1, penalty 1): the same filtered set and probabilities for every row of one batch."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
+
+    from chatterbox_accel.t3.batch import RowParams
+    from chatterbox_accel.t3.turbo import TurboParams, TurboRunner, turbo_row_scores
+
+    rows = [dict(temperature=0.8, top_k=1000, top_p=0.95, repetition_penalty=1.2),
+            dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0),
+            dict(temperature=0.0, top_k=5, top_p=0.5, repetition_penalty=2.0),
+            dict(temperature=1.3, top_k=50, top_p=0.9, repetition_penalty=1.0)]
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(len(rows), V, generator=g) * 3
+    ids = torch.randint(0, V, (len(rows), 30), generator=g)
+    presence = torch.zeros(len(rows), V, dtype=torch.bool)
+    presence[torch.arange(len(rows))[:, None], ids] = True
+    params = RowParams.empty(len(rows), "cpu", TurboRunner.row_options)
+    for i, o in enumerate(rows):
+        params.set(i, TurboRunner.row_values(TurboParams.make(**o), V))
+    ours = turbo_row_scores(logits, presence, params)
+    for i, o in enumerate(rows):
+        ref = logits[i : i + 1].clone()
+        if 0 < o["temperature"] != 1.0:
+            ref = TemperatureLogitsWarper(o["temperature"])(ids[i : i + 1], ref)
+        if o["top_k"] > 0:
+            ref = TopKLogitsWarper(o["top_k"])(ids[i : i + 1], ref)
+        if o["top_p"] < 1.0:
+            ref = TopPLogitsWarper(top_p=o["top_p"])(ids[i : i + 1], ref)
+        if o["repetition_penalty"] != 1.0:
+            ref = RepetitionPenaltyLogitsProcessor(penalty=o["repetition_penalty"])(ids[i : i + 1], ref)
+        assert torch.equal(torch.isinf(ours[i : i + 1]), torch.isinf(ref)), f"row {i}: filtered sets differ"
+        assert (torch.softmax(ours[i], -1) - torch.softmax(ref[0], -1)).abs().max() < 1e-6, i

@@ -38,7 +38,7 @@ from .sampling import sample, validate
 ROW_OPTIONS = ("cfg_weight", "temperature", "repetition_penalty", "min_p", "top_p")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the decoder finds a request in its queue and slots by `is`
 class T3Request:
     """One utterance for the decoder: its prompt embeddings and how to sample it."""
 
@@ -164,8 +164,9 @@ class _Slot:
 
 
 class SlotDecoder:
-    """Batched decoding over `slots` slots for one `T3Runner` (its backbone, kernels, speech head,
-    prompt, installed step and cache). `runner.decoder(slots)` keeps one per slot count."""
+    """Batched decoding over `slots` slots for one runner (`T3Runner` or Turbo's `TurboRunner`:
+    its backbone, kernels, speech head, prompt, installed step, sampler hooks and cache).
+    `runner.decoder(slots)` keeps one per slot count."""
 
     @torch.inference_mode()  # every tensor the decoder keeps is an inference tensor
     def __init__(self, runner, slots: int, *, sync_every: int = 1):
@@ -199,8 +200,7 @@ class SlotDecoder:
 
     def cancel(self, request: T3Request) -> None:
         """Drop a request: out of the queue, or out of its slot (which is free from the next step)."""
-        if request in self.queue:
-            self.queue.remove(request)
+        self.queue = deque(r for r in self.queue if r is not request)
         for s, row in enumerate(self.rows):
             if row is not None and row.request is request:
                 self._free(s)
@@ -263,7 +263,7 @@ class SlotDecoder:
         logits = runner.prefill_slot(request, self.cache, s)  # (rows_per_slot, V)
         row = self.rows[s]
         if self.multilingual:
-            end = P - 2  # the prompt is conditioning + text + BOS + BOS (see T3Runner.analyzer_feed)
+            end = P - 2  # conditioning + text + BOS + BOS: the text is the slice T3.inference gives it
             row.feed = AnalyzerFeed(new_analyzer(runner.t3, (end - request.text_len, end)), runner.llama,
                                     runner.heads, first_token=self.bos)
         self.presence[s].zero_()

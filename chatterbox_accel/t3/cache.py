@@ -26,6 +26,7 @@ class StaticKVCache:
         self.base = self  # the cache whose buffers these are (a rows() view's owner)
         self.ready = 0 if lazy else max_len  # positions [0, ready) are finite in every row
 
+    @torch.inference_mode()  # the buffers are inference tensors (allocated by the decoder)
     def ensure(self, upto: int) -> None:
         """Positions [0, upto) hold finite values in every row (zeroing any not yet touched)."""
         base = self.base

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .alignment import AnalyzerFeed, aligned_heads, new_analyzer
+from .alignment import aligned_heads
 from .batch import PrefixCache, SlotDecoder, SlotState, T3Request, cfg_combine_pairs, shared_prefix
 from .cache import StaticKVCache
 from .model import FastLlama
@@ -157,11 +157,6 @@ class CachedRunner:
         if view is None:
             view = self._views[slots] = cache.rows(0, R * slots)
         return view
-
-    def get_cache(self, batch: int, length: int) -> StaticKVCache:
-        """The whole cache, at least `batch` rows of `length` positions."""
-        self.slot_cache(-(-batch // self.rows_per_slot), length)
-        return self.cache
 
     def decoder(self, slots: int) -> SlotDecoder:
         """The runner's decoder of `slots` slots (one per count: its state tensors are what a
@@ -384,18 +379,6 @@ class T3Runner(CachedRunner):
             llama.spy_rows = False
         return llama.linear(self.speech_head, hidden[:, -1])
 
-    def analyzer_feed(self, embeds, text_len: int | None) -> AnalyzerFeed | None:
-        """Multilingual: a fresh upstream alignment analyzer for this decode (None otherwise).
-        The prompt is conditioning + text (`text_len` tokens) + BOS + BOS, so the text sits at
-        [P - text_len - 2, P - 2), the slice `T3.inference` gives the analyzer."""
-        if not self.heads:
-            return None
-        if text_len is None:
-            raise ValueError("a multilingual T3 decode needs text_len (its alignment analyzer reads it)")
-        end = embeds.shape[1] - 2
-        analyzer = new_analyzer(self.t3, (end - text_len, end))
-        return AnalyzerFeed(analyzer, self.llama, self.heads, first_token=self.hp.start_speech_token)
-
     @torch.inference_mode()
     def step_forced_logits(self, embeds, forced: torch.Tensor, cfg_weight: float) -> torch.Tensor:
         """CFG-combined logits (N+1, V) after the prompt and after each forced token, each decode
@@ -443,11 +426,6 @@ class T3Runner(CachedRunner):
         if maps is not None:
             maps.update({layer: torch.cat(r) for layer, r in rows.items()})
         return torch.cat(out, dim=0)
-
-
-def trim_at_eos(tokens: torch.Tensor, eos: int) -> torch.Tensor:
-    hits = (tokens == eos).nonzero()
-    return tokens[: int(hits[0, 0]) + 1] if hits.numel() else tokens
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -123,29 +123,11 @@ class TurboParams:
         return cls(float(temperature), int(top_k), float(top_p), float(repetition_penalty))
 
 
-def turbo_scores(logits: torch.Tensor, presence: torch.Tensor, p: TurboParams) -> torch.Tensor:
-    """(1, V) logits -> scores, through upstream's processors in upstream's order."""
-    scores = logits.float()
-    if 0 < p.temperature != 1.0:
-        scores = scores / p.temperature
-    if p.top_k > 0:
-        kth = torch.topk(scores, min(p.top_k, scores.shape[-1])).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=False)
-        remove_sorted = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - p.top_p)
-        remove_sorted[..., -1:] = False
-        scores = scores.masked_fill(remove_sorted.scatter(1, order, remove_sorted), float("-inf"))
-    if p.repetition_penalty != 1.0:
-        r = p.repetition_penalty
-        scores = torch.where(presence, torch.where(scores < 0, scores * r, scores / r), scores)
-    return scores
-
-
 def turbo_row_scores(logits: torch.Tensor, presence: torch.Tensor, p) -> torch.Tensor:
-    """`turbo_scores` for a batch of rows, each with its own options ((S, 1) tensors of
-    `TurboRunner.request`, where an option upstream would skip is set to its no-op value:
-    temperature 1, top_k V, top_p cut 0, penalty 1, each exact)."""
+    """(S, V) logits -> scores through `inference_turbo`'s processors in upstream's order
+    (temperature, top-k, top-p, repetition penalty), each row with its own options ((S, 1)
+    tensors from `TurboRunner.request`, where a processor upstream would skip gets its exact
+    no-op value: temperature 1, top_k V, top-p cut 0, penalty 1)."""
     scores = logits.float() / p.temperature
     kth = scores.sort(dim=-1, descending=True).values.gather(-1, p.top_k.long() - 1)  # (S, 1)
     scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -196,12 +178,16 @@ class TurboRunner(CachedRunner):
         if max_gen_len < 0:
             raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
         embeds, len_cond = self.build_prompt(t3_cond, text_tokens)
-        V = self.hp.speech_tokens_dict_size
-        options = dict(temperature=params.temperature if 0 < params.temperature != 1.0 else 1.0,
-                       top_k=min(params.top_k, V) if params.top_k > 0 else V,
-                       top_p=params.top_p, top_p_cut=1 - params.top_p if params.top_p < 1.0 else 0.0,
-                       repetition_penalty=params.repetition_penalty)
+        options = self.row_values(params, self.hp.speech_tokens_dict_size)
         return T3Request(embeds, options, 1 + int(max_gen_len), generator, key=key, prefix_len=len_cond)
+
+    @staticmethod
+    def row_values(params: TurboParams, vocab: int) -> dict:
+        """The per-row option values `turbo_row_scores` reads (plus top_p itself)."""
+        return dict(temperature=params.temperature if 0 < params.temperature != 1.0 else 1.0,
+                    top_k=min(params.top_k, vocab) if params.top_k > 0 else vocab,
+                    top_p=params.top_p, top_p_cut=1 - params.top_p if params.top_p < 1.0 else 0.0,
+                    repetition_penalty=params.repetition_penalty)
 
     # ---- the decoder's hooks (see CachedRunner) -------------------------------------------------
     @staticmethod
@@ -230,10 +216,6 @@ class TurboRunner(CachedRunner):
             if finished and ids.numel() and int(ids[-1]) == self.eos:
                 ids = ids[:-1]
             yield ids, finished
-
-    def logits(self, x, input_pos, cache, kv_len) -> torch.Tensor:
-        hidden = self.gpt2.forward(x.to(self.gpt2.dtype), input_pos, cache, kv_len)
-        return self.gpt2.linear(self.speech_head, hidden[:, -1])  # (B, V)
 
     @torch.inference_mode()
     def teacher_forced_logits(self, embeds, len_cond: int, forced: torch.Tensor) -> torch.Tensor:
