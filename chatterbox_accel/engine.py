@@ -393,9 +393,9 @@ def _turbo_tokens(model, rows, max_batch, metrics, bar):
     silence = torch.tensor([S3GEN_SIL] * 3, dtype=torch.long)
     for request, tokens in _decode(runner, requests, max_batch, metrics, bar):
         row = request.key
-        row.extras["t3_tokens"] = tokens.numel()
         if tokens.numel() and int(tokens[-1]) == runner.eos:  # inference_turbo drops a trailing EOS
             tokens = tokens[:-1]
+        row.extras["t3_tokens"] = tokens.numel()  # as inference_turbo returns them (what its timer counts)
         row.tokens = torch.cat([tokens[tokens < SPEECH_VOCAB], silence])
 
 

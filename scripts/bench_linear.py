@@ -3,8 +3,8 @@
 
 One pass over many distinct 4096x1024 weights (T3's MLP shape), best of 5, for every candidate
 kernel of every weight format (`kernels.KERNELS`: float32 plain `F.linear`, `W @ x^T`, oneDNN
-packed; bfloat16; int8; int4) at 1 and 2 rows (decode), then GFLOP/s at the prefill's row
-counts. What `accelerate()` measures on a sample of the model's own weights, at full size.
+packed; bfloat16; int8; int4) at 1 and 2 rows (decode) and 16 (a batch of 8 CFG pairs), then
+GFLOP/s at the prefill's row counts. What `accelerate()` measures on a sample of the model's own weights, at full size.
 Prints the CPU model and its matrix features first, a table, then one JSON line.
 
     python scripts/bench_linear.py [--weights 120] [--precision float32,bfloat16,int8,int4]
@@ -49,11 +49,12 @@ def main():
     print(f"{hardware()}; torch {versions()['torch']}; {args.weights} weights, {gb:.2f} GB as float32")
     result = {"benchmark": "linear_kernels", "hardware": hardware(), **versions(), "weights_gb_fp32": round(gb, 3),
               "decode_ms": {}, "prefill_gflops": {}}
-    print(f"{'kernel':12s} {'format':9s} {'1 row ms':>9s} {'2 rows ms':>10s}   (one pass over all weights)")
+    print(f"{'kernel':12s} {'format':9s} {'1 row ms':>9s} {'2 rows ms':>10s} {'16 rows ms':>11s}   "
+          f"(one pass over all weights; 16 rows: a batch of 8 CFG pairs)")
     with torch.inference_mode():
         for name in names:
             row = {}
-            for rows in (1, 2):
+            for rows in (1, 2, 16):
                 if kernels.KERNELS[name].max_rows is not None and rows > kernels.KERNELS[name].max_rows:
                     continue
                 run = runner(name, weights, rows)
@@ -62,7 +63,8 @@ def main():
                 row[rows] = best(lambda: run(x))
                 del run
             result["decode_ms"][name] = {r: round(t * 1e3, 1) for r, t in row.items()}
-            print(f"{name:12s} {kernels.KERNELS[name].precision:9s} {row[1] * 1e3:9.1f} {row[2] * 1e3:10.1f}")
+            print(f"{name:12s} {kernels.KERNELS[name].precision:9s} {row[1] * 1e3:9.1f} {row[2] * 1e3:10.1f} "
+                  f"{row.get(16, float('nan')) * 1e3:11.1f}")
         few = weights[:24]
         print(f"{'kernel':12s} " + " ".join(f"{r:>7d}" for r in (16, 32, 68, 204, 400)) + "   (GFLOP/s at these rows, 24 weights)")
         for name in names:

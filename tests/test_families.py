@@ -307,8 +307,9 @@ class TestTurbo:
         restore(turbo)
 
     def test_generate_batch_rows_are_the_requests_alone(self, turbo):
-        """Turbo's T3 runs request by request under each row's seed, S3Gen (meanflow) batched:
-        each row as that request alone; an unseeded single request is generate() bit for bit."""
+        """Turbo's T3 batched on the decoder (one row per slot, each row's seed), S3Gen (meanflow)
+        batched: each row as that request alone; an unseeded single request is generate() bit for
+        bit."""
         texts, seeds = ["Hi.", "Hello there, friend."], [1, 2]
         batch = generate_batch(turbo, texts, seed=seeds)
         for text, seed, got in zip(texts, seeds, batch):
