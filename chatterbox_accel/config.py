@@ -37,8 +37,9 @@ class AccelConfig:
     cuda_graphs: bool | None = None
     # KV-length bucket size for CUDA graphs and for how far attention reads the cache.
     kv_bucket: int = 256
-    # Check the EOS flag on the host every this many steps (one device sync per check).
-    # None = every step on CPU (a sync is free there, a wasted step is not), 16 on GPUs.
+    # Read the decoder's sampled ids (each row's EOS) on the host every this many steps (one
+    # device sync per read; admissions wait for one). None = every step on CPU (a sync is free
+    # there, a wasted step is not), 16 on GPUs. Multilingual reads every step (its analyzer).
     eos_check_every: int | None = None
     # CPU: T3's products run on the kernel measured fastest on this machine at accelerate()
     # (t3/kernels.py). False: never the oneDNN-packed candidate (it keeps one more fp32 copy of
