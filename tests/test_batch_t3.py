@@ -293,3 +293,25 @@ def test_requests_arriving_and_leaving_mid_decode(runner):
     assert set(got) == {id(a), id(b)}
     alone = [t for _, t in SlotDecoder(runner, 1).run([reseeded(b)])][0]
     assert torch.equal(torch.tensor(got[id(b)]), alone) and alone.numel() == 15
+
+
+def test_a_cancelled_row_with_unread_ids_does_not_stall_the_decoder(runner):
+    """Guards deferred reads (sync_every > 1): a row cancelled (or reset away, as claim() does)
+    while its ids are unread leaves nothing to read; the next request is admitted and decodes
+    as alone. (Before, admissions waited forever for a read of rows that no longer existed.)"""
+    decoder = SlotDecoder(runner, 1, sync_every=4)
+    a, b = request(runner, 8, 1, 30), request(runner, 12, 2, 9)
+    decoder.submit(a)
+    decoder.step()
+    decoder.step()
+    assert decoder.pending  # ids sampled, not read yet
+    decoder.cancel(a)
+    decoder.submit(b)
+    got, steps = [], 0
+    while decoder.busy and steps < 50:
+        for r, new, _ in decoder.step():
+            assert r is b
+            got += new
+        steps += 1
+    alone = [t for _, t in SlotDecoder(runner, 1).run([reseeded(b)])][0]
+    assert not decoder.busy and torch.equal(torch.tensor(got), alone)

@@ -208,17 +208,18 @@ class SlotDecoder:
     def reset(self) -> None:
         """Drop every request (queued or decoding)."""
         self.queue.clear()
-        for s in range(self.slots):
-            if self.rows[s] is not None:
-                self._free(s)
+        self._free_rows()
 
     def drop_cache(self) -> None:
         """The runner reallocated its cache: rows decoding in the old one are dropped (queued
         requests stay), and the next admission takes the new one."""
+        self._free_rows()
+        self.cache = None
+
+    def _free_rows(self) -> None:
         for s in range(self.slots):
             if self.rows[s] is not None:
                 self._free(s)
-        self.pending, self.cache = [], None
 
     @property
     def busy(self) -> bool:
@@ -232,6 +233,8 @@ class SlotDecoder:
         end at its EOS, if it sampled one). With `sync_every` > 1 most steps return nothing:
         their ids arrive with the step that reads them."""
         events: dict[int, tuple] = {}
+        if self.pending and all(row is None for row in self.rows):
+            self.pending = []  # unread ids of rows already gone (cancelled, reset): nothing to read
         if not self.pending:  # admissions wait for the host to know every row's tokens
             self._admit(events)
         active = [row is not None for row in self.rows]
@@ -245,9 +248,7 @@ class SlotDecoder:
                 if self.cache is None or self.cache.max_len < self.queue[0].max_len:
                     if any(row is not None for row in self.rows):
                         return  # a longer request waits for the decoder to drain, then the cache grows
-                    longest = max(r.max_len for r in self.queue)
-                    self.cache = None
-                    self.cache = self.runner.slot_cache(self.slots, longest)
+                    self.cache = self.runner.slot_cache(self.slots, max(r.max_len for r in self.queue))
                 request = self.queue.popleft()
                 row = self.rows[s] = _Slot(request)
                 first = self._start(s, request)

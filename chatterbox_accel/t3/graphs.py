@@ -94,10 +94,14 @@ class CudaGraphStep:
         self.graphs.clear()
         self.owners.clear()
 
+    def _captured_on(self, state, cache) -> bool:
+        """Whether this slot count's graphs were captured on these very objects (identity)."""
+        owners = self.owners.get(state.slots)
+        return owners is not None and owners[0] is state and owners[1] is cache
+
     def __call__(self, state, cache, kv_len):
         slots = state.slots
-        owners = self.owners.get(slots)
-        if owners is None or owners[0] is not state or owners[1] is not cache:
+        if not self._captured_on(state, cache):
             # other buffers: graphs captured on the old ones must never replay
             self.graphs = {k: v for k, v in self.graphs.items() if k[0] != slots}
             self.owners[slots] = (state, cache)
@@ -119,7 +123,7 @@ class CudaGraphStep:
             t.zero_()  # padding rows: each writes position 0 of its own rows
         try:
             for kv_len in sorted(set(kv_lens), reverse=True):
-                if (state.slots, kv_len) not in self.graphs or self.owners.get(state.slots) != (state, cache):
+                if (state.slots, kv_len) not in self.graphs or not self._captured_on(state, cache):
                     self(state, cache, kv_len)
         finally:
             for t, v in zip((state.token, state.pos, state.speech_pos), saved):
