@@ -125,6 +125,18 @@ def test_output_check_runs_through_the_installed_step(tiny_t3):
     assert ok.passed and not bad.passed
 
 
+def test_output_check_runs_through_the_prefill_decoding_uses(tiny_t3):
+    """The check's prompt goes through the same shared prefill as real requests (the voice's
+    prefix and unconditional text table): a corrupted table must fail it. (Before, the check's
+    request carried no prefix, so it prefilled whole and never read the table.)"""
+    runner = T3Runner(tiny_t3, attention=sdpa_attention)
+    assert run_output_check(tiny_t3, runner, None, steps=6, tolerance=1e-3).passed
+    (_, voice), = runner.prefixes.entries  # the table the check just built and read
+    with torch.inference_mode():
+        voice.rows.k.mul_(1.5)  # what a stale or miscomputed table would hold
+    assert not run_output_check(tiny_t3, runner, None, steps=6, tolerance=1e-3).passed
+
+
 def test_bf16_rope_table_is_computed_from_fp32_frequencies():
     """Old: the bf16 private copy cast rotary_emb.inv_freq to bf16, so every table built from it
     was off by ~1 rad of phase by position ~500. Now its table equals the fp32 one cast to bf16."""

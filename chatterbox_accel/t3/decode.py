@@ -381,13 +381,13 @@ class T3Runner(CachedRunner):
 
     @torch.inference_mode()
     def step_forced_logits(self, embeds, forced: torch.Tensor, cfg_weight: float) -> torch.Tensor:
-        """CFG-combined logits (N+1, V) after the prompt and after each forced token, each decode
-        step through the INSTALLED step (compiled, captured or eager, whatever decoding uses),
-        on the one-slot decoder decoding uses."""
+        """CFG-combined logits (N+1, V) after the prompt (the CFG pair `embeds`, as `build_prompt`
+        makes it) and after each forced token: the prefill decoding uses (voice prefix and
+        unconditional text table), then each step through the INSTALLED step (compiled,
+        captured or eager), on the one-slot decoder decoding uses."""
         self.claim()
         options = dict(cfg_weight=cfg_weight, temperature=1.0, repetition_penalty=1.0, min_p=0.0, top_p=1.0)
-        pair = embeds if embeds.shape[0] == 2 else embeds.expand(2, -1, -1)
-        request = T3Request(pair, options, max(1, forced.numel()))
+        request = T3Request(embeds, options, max(1, forced.numel()), prefix_len=shared_prefix(embeds))
         return self.decoder(1).teacher_forced_logits([request], [forced.view(-1)])[0]
 
     @torch.inference_mode()
