@@ -24,6 +24,7 @@ from .stream import generate_stream, stream_unsupported
 from .t3.decode import T3Runner
 from .t3.graphs import install_step
 from .t3.model import make_flash_attention, sdpa_attention
+from .t3.patch import FastInference
 from .voice import CachedPrepareConditionals, CachedSetTargetVoice, VoiceCache
 
 logger = logging.getLogger(__name__)

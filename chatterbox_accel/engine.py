@@ -333,8 +333,8 @@ def _runner(model):
 
 
 def _decode(runner, requests, max_batch, metrics, bar):
-    """Every request through the runner's decoder of min(max_batch, N) slots; yields (request,
-    tokens) as each finishes."""
+    """Every request through the runner's decoder (min(max_batch, N) slots; with captured graphs,
+    the power-of-two bucket, captured before it runs); yields (request, tokens) as each finishes."""
     runner.claim()  # a paused stream on this model's T3 loses its slot (it raises if resumed)
     decoder = runner.warm(runner.slots_for(len(requests), max_batch), max(r.max_len for r in requests))
     steps = decoder.steps

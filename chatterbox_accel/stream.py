@@ -241,7 +241,7 @@ def generate_stream(model, text, **options):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1 (speech tokens; 25 per second of "
                              f"audio), got {value!r}")
-    if _is_english(model):
+    if family_of(model) == "english":
         from .t3.patch import check_lengths
 
         check_lengths(model.t3.hp, None, stream["max_new_tokens"])
@@ -267,18 +267,6 @@ def stream_unsupported(model) -> str | None:
     if not (hasattr(model, "t3") and hasattr(model, "s3gen") and callable(getattr(model, "generate", None))):
         return f"needs a Chatterbox text-to-speech model (.t3, .s3gen, .generate), got {type(model).__name__}"
     return None
-
-
-def _is_english(model) -> bool:
-    return family_of(model) == "english"
-
-
-def _is_turbo(model) -> bool:
-    return family_of(model) == "turbo"
-
-
-def _is_multilingual(model) -> bool:
-    return family_of(model) == "multilingual"
 
 
 def _check_language(model, language_id) -> None:
@@ -326,11 +314,12 @@ def _token_source(model, text, options, max_new_tokens, first_block, block):
     """(blocks of (ids, final), a callable giving the most tokens there can be)."""
     from .patching import state_of
 
-    fast = state_of(model, "t3_inference") if _is_english(model) or _is_multilingual(model) or _is_turbo(model) else None
+    family = family_of(model)
+    fast = state_of(model, "t3_inference") if family in ("english", "multilingual", "turbo") else None
     if fast is not None and fast.disabled is None:
-        if _is_multilingual(model):
+        if family == "multilingual":
             max_new_tokens = MULTILINGUAL_MAX_NEW_TOKENS
-        if _is_turbo(model):
+        if family == "turbo":
             max_new_tokens = TURBO_MAX_TOKENS
         return _fast_blocks(model, fast, text, options, max_new_tokens, first_block, block), lambda: max_new_tokens
     box = {}
@@ -342,7 +331,7 @@ def _fast_blocks(model, fast, text, options, max_new_tokens, first_block, block)
     original path if it fails before the first block."""
     opts = {**_generate_options(model), **options}
     tail = None
-    if _is_turbo(model):
+    if family_of(model) == "turbo":
         from chatterbox.models.s3gen.const import S3GEN_SIL
 
         t3_opts = {k: opts[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")}
@@ -437,7 +426,7 @@ def with_exaggeration(model, t3_cond, exaggeration):
 def text_tokens_for(model, text, cfg_weight, language_id=None):
     """T3's text tokens as `ChatterboxTTS.generate` / `ChatterboxMultilingualTTS.generate`
     (chatterbox 0.1.7) make them: punc_norm, tokenizer, CFG rows, start/stop text tokens."""
-    if _is_multilingual(model):  # its own punc_norm, language tag, and always two CFG rows
+    if family_of(model) == "multilingual":  # its own punc_norm, language tag, and always two CFG rows
         from chatterbox.mtl_tts import punc_norm
 
         language = language_id.lower() if language_id else None

@@ -232,11 +232,16 @@ def main():
                    mixed_voices=args.mixed_voices, kv_cache_reserved_mb=reserved / 2**20,
                    kernels=str(report.kernels) if hasattr(report, "kernels") else None,
                    rows=rows, ratios=ratios)
+    emit(summary, args.out)
+
+
+def emit(summary: dict, out: str = "") -> None:
+    """The result as one JSON line, last on stdout, and into `out` when given."""
     line = json_line(summary)
     print(line)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(line + "\n")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(line + "\n")
 
 
 if __name__ == "__main__":

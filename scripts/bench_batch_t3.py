@@ -17,7 +17,6 @@ import logging
 import os
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -25,12 +24,12 @@ import torch  # noqa: E402
 
 from chatterbox_accel import accelerate  # noqa: E402
 from chatterbox_accel.api import runner_of  # noqa: E402
-from chatterbox_accel.benchmark import hardware, json_line, versions  # noqa: E402
+from chatterbox_accel.benchmark import hardware, versions  # noqa: E402
 from chatterbox_accel.checkpoints import write_english_checkpoint  # noqa: E402
 from chatterbox_accel.families import generate_options  # noqa: E402
 from chatterbox_accel.stream import text_tokens_for  # noqa: E402
 
-from bench_batch import TEXTS  # noqa: E402
+from bench_batch import TEXTS, emit  # noqa: E402
 
 
 def main():
@@ -84,16 +83,11 @@ def main():
         print(f"{name:<20} {med[name]:>12.1f}   " + ", ".join(f"{v:.1f}" for v in values))
     print(f"N={args.n}: the batch decoder's T3 throughput is {ratio:.2f}x the accelerated single utterance's "
           f"(medians of {args.repeats} alternating runs)")
-    line = json_line(dict(bench="batch_t3", family="english", weights="random", hardware=hardware(),
-                          versions=versions(), n=args.n, tokens_per_utterance=args.tokens, repeats=args.repeats,
-                          command=f"python scripts/bench_batch_t3.py --n {args.n} --repeats {args.repeats} "
-                                  f"--tokens {args.tokens}",
-                          kernels=report.kernels.describe() if report.kernels else None,
-                          tok_s=rates, median_tok_s=med, ratio=ratio))
-    print(line)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(line + "\n")
+    emit(dict(bench="batch_t3", family="english", weights="random", hardware=hardware(), versions=versions(),
+              n=args.n, tokens_per_utterance=args.tokens, repeats=args.repeats,
+              command=f"python scripts/bench_batch_t3.py --n {args.n} --repeats {args.repeats} --tokens {args.tokens}",
+              kernels=report.kernels.describe() if report.kernels else None,
+              tok_s=rates, median_tok_s=med, ratio=ratio), args.out)
 
 
 if __name__ == "__main__":
