@@ -51,6 +51,7 @@ class AccelReport:
     kernels: object = None  # kernels.Selection: what was measured and chosen for T3's products (CPU)
     s3gen_check: object = None  # s3gen_fast.MelCheck: the S3Gen fast modes' probe against the exact path
     runtime: list = field(default_factory=list)  # run-time fallbacks since accelerate(), as they happen
+    attention: str = ""  # the CPU decode attention's measurement (or why it is not used)
 
     @property
     def ok(self) -> bool:
@@ -66,6 +67,8 @@ class AccelReport:
                          f"(tested: chatterbox-tts 0.1.7, torch 2.6 / 2.11, transformers 5.2.0)")
         if self.kernels is not None:
             lines.append(f"  kernels   {self.kernels.describe()}")
+        if self.attention:
+            lines.append(f"  attention {self.attention}")
         if self.check is not None:
             lines.append(f"  {self.check}")
         if self.s3gen_check is not None:
@@ -256,7 +259,7 @@ def _build_runner(t3, cfg: AccelConfig, report: AccelReport):
     dtype = DTYPE_BY_NAME[name]
     if dtype != torch.float32:
         report.applied.append(f"t3.{name}")
-    attention = _select_attention(cfg, device_type, dtype, report)
+    attention = _select_attention(cfg, device_type, dtype, report, t3)
     eos_every = cfg.eos_check_every if cfg.eos_check_every is not None else (
         1 if device_type == "cpu" else 16)  # a CPU "sync" is free; a wasted CPU step is not
     if getattr(t3, "is_gpt", False):
@@ -274,7 +277,7 @@ def _build_runner(t3, cfg: AccelConfig, report: AccelReport):
                     kv_bucket=bucket, static_cache=cfg.static_cache)
 
 
-def _select_attention(cfg, device_type, dtype, report):
+def _select_attention(cfg, device_type, dtype, report, t3):
     if cfg.attention in ("auto", "flash"):
         usable = device_type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         flash = make_flash_attention() if usable else None
@@ -284,8 +287,33 @@ def _select_attention(cfg, device_type, dtype, report):
         if cfg.attention == "flash":
             why = "flash-attn not installed" if usable else "flash-attn needs CUDA and bf16/fp16"
             report.fallbacks["t3.attention.flash"] = why + "; using SDPA"
+    if cfg.attention in ("auto", "native"):
+        native = _native_attention(cfg, device_type, dtype, report, t3)
+        if native is not None:
+            report.applied.append("t3.attention.native")
+            return native
     report.applied.append("t3.attention.sdpa")
     return sdpa_attention
+
+
+def _native_attention(cfg, device_type, dtype, report, t3):
+    """The CPU decode-attention kernel (t3/cpu_attention.py) where it builds, checks and, under
+    "auto", measures faster than SDPA; None (with the reason reported) otherwise."""
+    if device_type != "cpu" or dtype != torch.float32 or cfg.compiles_t3(device_type):
+        if cfg.attention == "native":
+            report.fallbacks["t3.attention.native"] = (
+                "the native decode attention is for float32 on a CPU without torch.compile; using SDPA")
+        return None
+    from .t3 import cpu_attention
+
+    tcfg = t3.tfmr.config
+    heads = tcfg.num_attention_heads
+    attention, note = cpu_attention.select(heads, tcfg.hidden_size // heads,
+                                           measure_first=cfg.attention == "auto")
+    report.attention = note
+    if attention is None and (cfg.attention == "native" or "slower" not in note):
+        report.fallbacks["t3.attention.native"] = note + "; using SDPA"
+    return attention
 
 
 def _install_steps(runner, t3, cfg: AccelConfig, report: AccelReport):

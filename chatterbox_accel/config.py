@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "native")
 COMPILE_TARGETS = ("t3", "s3gen")  # s3gen: the flow's CFM estimator, opt-in (see s3gen.py)
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -23,7 +23,10 @@ class AccelConfig:
     t3: bool = True
     # Preallocate the KV cache once and reuse it across calls (False: allocate per call).
     static_cache: bool = True
-    # Attention kernel: "auto" = flash-attn when installed and usable, else SDPA.
+    # Attention kernel: "auto" = flash-attn when installed and usable (CUDA, bf16/fp16); on a CPU
+    # in float32 the project's decode-attention kernel (t3/cpu_attention.py: built here with the
+    # C compiler, used where it measures faster than SDPA); else SDPA. "native" = that kernel
+    # without measuring; "sdpa" = always SDPA.
     attention: str = "auto"
     # torch.compile the decode step. None = on for CUDA, off elsewhere (it costs minutes of
     # compile time on a CPU for little gain; the step is memory-bound there).

@@ -230,7 +230,7 @@ def main():
                        if v not in (False, "", 0, "cpu") and k not in ("checkpoint", "out")),
                    tokens_per_utterance=args.tokens, voice_seconds=args.voice_seconds,
                    mixed_voices=args.mixed_voices, kv_cache_reserved_mb=reserved / 2**20,
-                   kernels=str(report.kernels) if hasattr(report, "kernels") else None,
+                   kernels=report.kernels.describe() if report.kernels else None, attention=report.attention,
                    rows=rows, ratios=ratios)
     emit(summary, args.out)
 

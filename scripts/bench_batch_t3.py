@@ -86,7 +86,7 @@ def main():
     emit(dict(bench="batch_t3", family="english", weights="random", hardware=hardware(), versions=versions(),
               n=args.n, tokens_per_utterance=args.tokens, repeats=args.repeats,
               command=f"python scripts/bench_batch_t3.py --n {args.n} --repeats {args.repeats} --tokens {args.tokens}",
-              kernels=report.kernels.describe() if report.kernels else None,
+              kernels=report.kernels.describe() if report.kernels else None, attention=report.attention,
               tok_s=rates, median_tok_s=med, ratio=ratio), args.out)
 
 
