@@ -52,6 +52,7 @@ class AccelReport:
     s3gen_check: object = None  # s3gen_fast.MelCheck: the S3Gen fast modes' probe against the exact path
     runtime: list = field(default_factory=list)  # run-time fallbacks since accelerate(), as they happen
     attention: str = ""  # the CPU decode attention's measurement (or why it is not used)
+    s3gen_kernel: str = ""  # the S3Gen oneDNN products' measurement and probe (s3gen_kernels.py)
 
     @property
     def ok(self) -> bool:
@@ -69,6 +70,8 @@ class AccelReport:
             lines.append(f"  kernels   {self.kernels.describe()}")
         if self.attention:
             lines.append(f"  attention {self.attention}")
+        if self.s3gen_kernel:
+            lines.append(f"  s3gen     {self.s3gen_kernel}")
         if self.check is not None:
             lines.append(f"  {self.check}")
         if self.s3gen_check is not None:
@@ -117,6 +120,15 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
                 report.applied.append("s3gen.compile")
             else:
                 report.fallbacks["s3gen.compile"] = why
+        if cfg.s3gen_kernel != "plain" and getattr(model, "s3gen", None) is not None:
+            from .s3gen_kernels import install as install_s3gen_kernels
+
+            installed, note = install_s3gen_kernels(model, registry, cfg.s3gen_kernel)
+            if installed:
+                report.applied.append("s3gen.kernel.onednn")
+                report.s3gen_kernel = note
+            else:
+                report.fallbacks["s3gen.kernel"] = note
         if cfg.s3gen_modes.active:
             why = None if cfg.check else versions.chatterbox_reason("the S3Gen fast modes")
             if why:

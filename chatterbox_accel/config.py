@@ -62,6 +62,10 @@ class AccelConfig:
     voice_cache: bool = True
     # How many reference voices the cache keeps (least recently used ones are dropped).
     voice_cache_size: int = 16
+    # CPU: S3Gen's products (every nn.Linear of its flow) on oneDNN-prepacked float32 weights
+    # (s3gen_kernels.py): "plain" = F.linear, upstream's audio bit for bit; "onednn" = always;
+    # "auto" = where it measures faster here. Differs from F.linear by float32 rounding only.
+    s3gen_kernel: str = "plain"
     # S3Gen fast modes (s3gen_fast.py; each changes the audio, each off by default):
     # CFM Euler steps (None: upstream's 10, Turbo's meanflow 2).
     s3gen_steps: int | None = None
@@ -93,6 +97,7 @@ class AccelConfig:
 
         _choice("precision", self.precision, PRECISIONS)
         _choice("s3gen_dtype", self.s3gen_dtype, ("float32", "bfloat16"))
+        _choice("s3gen_kernel", self.s3gen_kernel, ("plain", "onednn", "auto"))
         _choice("preset", self.preset, tuple(PRESETS))
         bundle = PRESETS[self.preset]
         defaults = {f.name: f.default for f in dataclasses.fields(self)}

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """T3 alone: the accelerated single-utterance decode vs the batch engine's decoder, alternating.
 
-    python scripts/bench_batch_t3.py [--n 8] [--repeats 5] [--tokens 75] [--out bench/results/NAME.json]
+    python scripts/bench_batch_t3.py [--n 8] [--repeats 5] [--tokens 75] [--attention auto|sdpa|native]
+        [--out bench/results/NAME.json]
 
 On one full-size English model (random weights, T3 stopping after --tokens speech tokens), each
 repeat times (a) the N texts one after another through the accelerated `T3.inference` (what
@@ -37,6 +38,7 @@ def main():
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=75)
+    ap.add_argument("--attention", default="auto", help="accelerate()'s attention option (both paths)")
     ap.add_argument("--checkpoint", default="/tmp/chatterbox-accel-bench-english")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -45,7 +47,7 @@ def main():
 
     model = ChatterboxTTS.from_local(write_english_checkpoint(args.checkpoint, stop_after=args.tokens,
                                                               voice_seconds=3.0), "cpu")
-    report = accelerate(model)
+    report = accelerate(model, attention=args.attention)
     runner = runner_of(model)
     opts = {k: v for k, v in generate_options(model).items() if k in runner.row_options}
     texts = [TEXTS[i % len(TEXTS)] for i in range(args.n)]
@@ -85,7 +87,8 @@ def main():
           f"(medians of {args.repeats} alternating runs)")
     emit(dict(bench="batch_t3", family="english", weights="random", hardware=hardware(), versions=versions(),
               n=args.n, tokens_per_utterance=args.tokens, repeats=args.repeats,
-              command=f"python scripts/bench_batch_t3.py --n {args.n} --repeats {args.repeats} --tokens {args.tokens}",
+              command=f"python scripts/bench_batch_t3.py --n {args.n} --repeats {args.repeats} --tokens {args.tokens}"
+                      + ("" if args.attention == "auto" else f" --attention {args.attention}"),
               kernels=report.kernels.describe() if report.kernels else None, attention=report.attention,
               tok_s=rates, median_tok_s=med, ratio=ratio), args.out)
 
