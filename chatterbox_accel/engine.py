@@ -10,8 +10,9 @@ share the work:
   `generate_stream()` decode through, with one slot), `max_batch` requests decoding at once in
   slots they join and leave at step boundaries (more texts than slots keep the slots full).
   Turbo's T3 the same way with one row per slot (its GPT-2 step, t3/turbo.py).
-- S3Gen: `s3gen_batch.flow_mels`, up to `max_batch` rows per flow call, each with its own voice,
-  tokens and noise; HiFT and the watermark per row.
+- S3Gen: `s3gen_batch.flow_mels`, up to `max_batch` rows per flow call (on a CPU, where the
+  flow is compute-bound, `CPU_FLOW_GROUP`), each with its own voice, tokens and noise; HiFT and
+  the watermark per row.
 - Randomness: a request with a `seed` owns a `torch.Generator`: its T3 sampling, its CFM noise
   and its vocoder draws come from it, so its output does not depend on its batch-mates (the
   same text, voice, options and seed give the same tokens alone or in any batch). Requests
@@ -399,6 +400,15 @@ def _turbo_tokens(model, rows, max_batch, metrics, bar):
         row.tokens = torch.cat([tokens[tokens < SPEECH_VOCAB], silence])
 
 
+# Utterances per flow call on a CPU. The flow is compute-bound there, so batching saves nothing,
+# and large calls ran slower: 8 utterances of 3 s (3 s voice) took 38.4-41.2 s in calls of 8
+# and 29.9 / 30.6 / 32.5 s in calls of 2 / 4 / 1 with s3gen_kernel="onednn" (oneDNN is less
+# efficient at 4800-row products than at 1200), 44.5-47.2 s either way on F.linear (2-core AMD
+# EPYC Zen 5, torch 2.6.0). Each row is computed under its own mask and noise, so a row's mel
+# differs between groupings by float32 rounding only (test_batch compares rows with single runs).
+CPU_FLOW_GROUP = 2
+
+
 def _synthesize(model, rows, max_batch, metrics, bar) -> list[Result]:
     s3gen = model.s3gen
     modes = modes_of(model)
@@ -407,8 +417,9 @@ def _synthesize(model, rows, max_batch, metrics, bar) -> list[Result]:
     flow, ratio = s3gen.flow, s3gen.flow.token_mel_ratio
     results = [None] * len(rows)
     order = sorted(rows, key=lambda r: r.tokens.numel())  # similar lengths share a flow call
-    for i in range(0, len(order), max_batch):
-        group = order[i : i + max_batch]
+    group_size = max_batch if s3gen.device.type != "cpu" else min(max_batch, CPU_FLOW_GROUP)
+    for i in range(0, len(order), group_size):
+        group = order[i : i + group_size]
         t = time.perf_counter()
         refs = [on_device(modes.cap(r.conds.gen), s3gen.device, s3gen.dtype) for r in group]
         noises = [row_noise(ref, r.tokens.numel(), ratio, meanflow, r.generator, s3gen.device, s3gen.dtype)
