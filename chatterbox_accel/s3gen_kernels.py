@@ -6,17 +6,19 @@ the estimator is `nn.Linear` products over its CFG pair's frames (600 rows for a
 measured, oneDNN on weights prepacked for it (t3/kernels.py's `onednn`, the op Inductor emits)
 took 43 ms where F.linear took 95 ms over a 65 MB sample of the flow's weights at 600 rows (the
 report's line under s3gen_kernel="auto"), and the whole flow 4.0 s instead of 6.0 s. Its
-products differ from F.linear's by float32 rounding (~1e-6 relative), so the audio is no longer upstream's bit for bit, which `generate()`
-promises by default: the kernel is off unless asked for (`s3gen_kernel="onednn"`, or "auto":
-measure both on the flow's own weights at 600 rows and use oneDNN only if it is faster).
+products differ from F.linear's by float32 rounding (~1e-6 relative), so the audio is no longer
+upstream's bit for bit, which `generate()` promises by default: the kernel is off unless asked
+for (`s3gen_kernel="onednn"`, or "auto": measure both on the flow's own weights at 600 rows and
+use oneDNN only if it is faster).
 
 Every `nn.Linear` of `s3gen.flow` (encoder and estimator) gets an instance-level wrapt patch of
 its `forward` (reverted by `restore()`), so `generate()`'s upstream S3Gen, `generate_batch` and
 the stream all run through it. Products of 16 rows or fewer, non-float32 inputs, inputs that
 need a gradient and products under autocast (`s3gen_dtype="bfloat16"`) keep `F.linear`. Each
-prepacked copy stands for its weight as it was; a weight changed later is repacked before use (t3/kernels.py `KernelTable`). Installing checks one
-product against F.linear and the whole estimator against its plain self on a probe; a failure at
-run time switches the table off (the products go back to F.linear) and shows in the report.
+prepacked copy stands for its weight as it was; a weight changed later is repacked before use
+(t3/kernels.py `KernelTable`). Installing checks one product against F.linear and the whole
+estimator against its plain self on a probe; a failure at run time switches the table off (the
+products go back to F.linear) and shows in the report.
 """
 from __future__ import annotations
 
@@ -129,7 +131,8 @@ def install(model, registry, kernel: str) -> tuple[bool, str]:
         scale = max(want.abs().max().item(), 1e-12)
         if table.disabled is not None or not diff <= TOLERANCE * scale:
             why = table.disabled or f"max|d| {diff:.3g}, max|out| {scale:.3g}"
-            return False, f"the oneDNN S3Gen estimator disagrees with F.linear's on a probe ({why}); S3Gen runs F.linear"
+            return False, (f"the oneDNN S3Gen estimator disagrees with F.linear's on a probe ({why}); "
+                           "S3Gen runs F.linear")
         note += f"; estimator probe max|d|/max|out| {diff / scale:.1e}"
     for m in modules:
         registry.wrap_method(m, "forward", wrapper)

@@ -22,7 +22,6 @@ exposed to a shared VM's drift). A table, then one JSON line (also written to --
 Turbo (`--family turbo`): its T3 stops after about --tokens speech tokens past a ~12-token text.
 """
 import argparse
-import json
 import logging
 import os
 import sys
