@@ -315,3 +315,49 @@ def test_a_cancelled_row_with_unread_ids_does_not_stall_the_decoder(runner):
         steps += 1
     alone = [t for _, t in SlotDecoder(runner, 1).run([reseeded(b)])][0]
     assert not decoder.busy and torch.equal(torch.tensor(got), alone)
+
+
+def test_requests_admitted_together_prefill_as_each_alone(t3, runner):
+    """Guards the batched admission prefill (T3Runner.prefill_slots): requests admitted in one
+    step run their texts and BOS positions in shared forwards, texts of different lengths padded.
+    Each one's logits and the K/V at its prompt's positions must equal its prefill alone (the
+    padding lands past each prompt, never in it), in consecutive slots and in a gap-split run;
+    and the decoder that admits them together gives each one's tokens as alone."""
+    cond, _ = text_of(t3, 8)
+
+    def text(n):
+        ids = torch.randint(1, 600, (1, n), generator=torch.Generator().manual_seed(n))
+        ids[:, 0], ids[:, -1] = t3.hp.start_text_token, t3.hp.stop_text_token
+        return ids
+
+    with torch.inference_mode():
+        reqs = [runner.request(cond, text(n), OPTS, 12, torch.Generator().manual_seed(n)) for n in (5, 23, 11)]
+    assert all(r.prefix_len > 0 for r in reqs)
+    alone = []
+    for r in reqs:
+        runner.claim()
+        cache = runner.slot_cache(1, 64)
+        with torch.inference_mode():
+            logits = runner.prefill_slots([(0, r)], cache)[0]
+        alone.append((logits, cache.k[:, 0:2, :, : r.prompt_len].clone(), cache.v[:, 0:2, :, : r.prompt_len].clone()))
+    for slots in ([0, 1, 2], [0, 2, 3]):  # one run; a run of one and a run of two
+        runner.claim()
+        cache = runner.slot_cache(4, 64)
+        with torch.inference_mode():
+            got = runner.prefill_slots(list(zip(slots, reqs)), cache)
+        for s, r, logits, (want, k, v) in zip(slots, reqs, got, alone):
+            scale = want.abs().max()
+            assert (logits - want).abs().max() <= 1e-5 * scale
+            assert (cache.k[:, 2 * s : 2 * s + 2, :, : r.prompt_len] - k).abs().max() <= 1e-5 * k.abs().max()
+            assert (cache.v[:, 2 * s : 2 * s + 2, :, : r.prompt_len] - v).abs().max() <= 1e-5 * v.abs().max()
+
+    def tokens(decoder, indices):
+        runner.claim()
+        fresh = [T3Request(reqs[i].embeds, reqs[i].options, reqs[i].max_new_tokens,
+                           torch.Generator().manual_seed(i), prefix_len=reqs[i].prefix_len, key=i) for i in indices]
+        return {req.key: t.tolist() for req, t in decoder.run(fresh)}
+
+    together = tokens(runner.decoder(3), [0, 1, 2])
+    assert len(set(map(tuple, together.values()))) == 3
+    for i in range(3):
+        assert tokens(runner.decoder(1), [i]) == {i: together[i]}

@@ -173,7 +173,7 @@ def test_unaccelerated_model_streams_through_the_original_t3(model):
 def test_fast_t3_failure_before_the_first_block_falls_back(model, monkeypatch):
     chatterbox_accel.accelerate(model)
     runner = chatterbox_accel.api.runner_of(model)
-    monkeypatch.setattr(runner, "prefill_slot", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(runner, "prefill_slots", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     torch.manual_seed(0)
     chunks = list(model.generate_stream(TEXT, chunk_size=8, first_chunk_size=8))
     fast = chatterbox_accel.api.fast_inference_of(model)

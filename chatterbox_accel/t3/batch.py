@@ -243,25 +243,40 @@ class SlotDecoder:
         return list(events.values())
 
     def _admit(self, events) -> None:
+        """Queued requests into free slots, prefilled together (`runner.prefill_slots`); a request
+        that ends at its first token frees its slot for the next step."""
+        admitted = []
         for s in range(self.slots):
-            while self.rows[s] is None and self.queue:
-                if self.cache is None or self.cache.max_len < self.queue[0].max_len:
-                    if any(row is not None for row in self.rows):
-                        return  # a longer request waits for the decoder to drain, then the cache grows
-                    self.cache = self.runner.slot_cache(self.slots, max(r.max_len for r in self.queue))
-                request = self.queue.popleft()
-                row = self.rows[s] = _Slot(request)
-                first = self._start(s, request)
-                if first < 0:  # every score -inf: nothing to sample
-                    row.stopped = True
-                else:
-                    row.tokens.append(first)
-                self._record(events, s, row.tokens[-1:])
+            if self.rows[s] is not None or not self.queue:
+                continue
+            if self.cache is None or self.cache.max_len < self.queue[0].max_len:
+                if admitted or any(row is not None for row in self.rows):
+                    break  # a longer request waits for the decoder to drain, then the cache grows
+                self.cache = self.runner.slot_cache(self.slots, max(r.max_len for r in self.queue))
+            request = self.queue.popleft()
+            self.rows[s] = _Slot(request)
+            admitted.append((s, request))
+        if not admitted:
+            return
+        runner = self.runner
+        if self.multilingual:  # its analyzer reads the attention maps each prefill leaves: one by one
+            prefilled = ((s, r, runner.prefill_slot(r, self.cache, s)) for s, r in admitted)
+        else:
+            logits = runner.prefill_slots(admitted, self.cache)
+            prefilled = ((s, r, lg) for (s, r), lg in zip(admitted, logits))
+        for s, request, logits in prefilled:
+            row = self.rows[s]
+            first = self._start(s, request, logits)
+            if first < 0:  # every score -inf: nothing to sample
+                row.stopped = True
+            else:
+                row.tokens.append(first)
+            self._record(events, s, row.tokens[-1:])
 
-    def _start(self, s: int, request: T3Request) -> int:
-        """Prefill `request` into slot `s` and sample its first token."""
+    def _start(self, s: int, request: T3Request, logits: torch.Tensor) -> int:
+        """Slot `s`'s state for `request`, prefilled (`logits`: its rows' last-position
+        logits), and its first token sampled."""
         runner, P = self.runner, request.prompt_len
-        logits = runner.prefill_slot(request, self.cache, s)  # (rows_per_slot, V)
         row = self.rows[s]
         if self.multilingual:
             end = P - 2  # conditioning + text + BOS + BOS: the text is the slice T3.inference gives it

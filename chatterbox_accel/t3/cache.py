@@ -37,24 +37,24 @@ class StaticKVCache:
             base.ready = upto
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, H, S, D) at positions `input_pos`: (S,) for every row, or (B, 1), one
-        decode position per row (the batch engine's slots). Returns the layer's buffers."""
+        """Write k, v (B, H, S, D) at positions `input_pos`: (S,) for every row, or (B, S), each
+        row at its own positions (the batch engine's slots). Returns the layer's buffers."""
         k_buf, v_buf = self.k[layer], self.v[layer]
         if input_pos.dim() == 1:
             k_buf.index_copy_(2, input_pos, k)
             v_buf.index_copy_(2, input_pos, v)
         else:
-            rows, pos = torch.arange(k.shape[0], device=k.device), input_pos[:, 0]
-            k_buf[rows, :, pos] = k[:, :, 0]  # (B, H, D) written at each row's own slot
-            v_buf[rows, :, pos] = v[:, :, 0]
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1) against (B, S)
+            k_buf[rows, :, input_pos] = k.transpose(1, 2)  # (B, S, H, D) at each row's own slots
+            v_buf[rows, :, input_pos] = v.transpose(1, 2)
         return k_buf, v_buf
 
-    def rows(self, start: int, stop: int) -> "StaticKVCache":
-        """A view of batch rows [start, stop): writes through it land in this cache (the batch
-        engine prefills one request into its slot this way)."""
+    def rows(self, start: int, stop: int, step: int = 1) -> "StaticKVCache":
+        """A view of batch rows start, start + step, ... < stop: writes through it land in this
+        cache (the batch engine prefills requests into their slots' rows this way)."""
         view = StaticKVCache.__new__(StaticKVCache)
-        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
-        view.batch, view.max_len = stop - start, self.max_len
+        view.k, view.v = self.k[:, start:stop:step], self.v[:, start:stop:step]
+        view.batch, view.max_len = view.k.shape[1], self.max_len
         view.base = self.base
         return view
 

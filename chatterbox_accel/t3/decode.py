@@ -130,6 +130,11 @@ class CachedRunner:
         hidden = backbone.forward(embeds[:, n:].to(backbone.dtype), torch.arange(n, P, device=embeds.device), rows, P)
         return self.head_logits(hidden)
 
+    def prefill_slots(self, admitted: list, cache) -> list:
+        """Prefill `(slot, request)` pairs admitted in one step, one after another (T3Runner
+        runs them together); each one's last-position logits (rows_per_slot, V)."""
+        return [self.prefill_slot(request, cache, s) for s, request in admitted]
+
     # ---- cache and decoders -------------------------------------------------------------------
     @torch.inference_mode()
     def slot_cache(self, slots: int, length: int) -> StaticKVCache:
@@ -305,7 +310,13 @@ class T3Runner(CachedRunner):
         return self.llama.linear(self.speech_head, hidden[:, -1])
 
     def prefill_slot(self, request: T3Request, cache, s: int) -> torch.Tensor:
-        """As `CachedRunner.prefill_slot`, with the unconditional row's text shared too.
+        """As `CachedRunner.prefill_slot`, with the unconditional row's text shared too
+        (`prefill_slots` with one request)."""
+        return self.prefill_slots([(s, request)], cache)[0]
+
+    def prefill_slots(self, admitted: list, cache) -> list:
+        """Prefill `(slot, request)` pairs admitted in one step; each one's last-position logits
+        (2, V).
 
         The CFG pair's second row has its text embedding zeroed: at text position i it holds
         only the learned position embedding of i, whatever the text. So its K/V over the text
@@ -314,17 +325,37 @@ class T3Runner(CachedRunner):
         texts need them (every request reads the same numbers, whichever came first), and
         copied into the slot's second row. Per request, the conditional row runs its text, then
         both rows run the two BOS positions: about half the prefill of running both rows.
+        Requests admitted together in consecutive slots run those two forwards together, each
+        row at its own positions (texts padded to the longest by repeating their last position's
+        embedding: the padding lands past the row's prompt, where decoding overwrites it before
+        anything reads it): a few requests' products at once instead of one after another.
         Multilingual runs its prompt whole (its analyzer reads the whole prefill's attention
         maps); a prompt not built the way `build_prompt` builds it takes the plain prefix path."""
-        if self.heads:
-            return self.prefill(request.embeds, cache.rows(2 * s, 2 * s + 2))
+        out, run = {}, []
+        for s, request in sorted(admitted, key=lambda pair: pair[0]):
+            if self.heads:
+                out[s] = self.prefill(request.embeds, cache.rows(2 * s, 2 * s + 2))
+            elif not self._copy_shared(request, cache, s):
+                out[s] = super().prefill_slot(request, cache, s)
+            else:
+                if run and run[-1][0] != s - 1:
+                    out.update(self._prefill_run(run, cache))
+                    run = []
+                run.append((s, request))
+        if run:
+            out.update(self._prefill_run(run, cache))
+        return [out[s] for s, _ in admitted]
+
+    def _copy_shared(self, request: T3Request, cache, s: int) -> bool:
+        """Copy the voice prefix's and the unconditional text table's K/V into slot `s`'s rows
+        (computing what the voice lacks); False when the prompt is not `build_prompt`'s."""
         embeds, n = request.embeds, request.prefix_len
         P = embeds.shape[1]
         T = P - n - 2  # text positions (the prompt ends with BOS, BOS)
         table = self._uncond_text(T)
         if (T < 1 or table is None or not torch.equal(embeds[1, n : n + T], table[:T])
                 or not torch.equal(embeds[0, P - 2 :], embeds[1, P - 2 :])):
-            return super().prefill_slot(request, cache, s)
+            return False
         llama, device = self.llama, embeds.device
         voice = self.prefixes.get(embeds[0, :n])
         if voice is None:
@@ -339,16 +370,34 @@ class T3Runner(CachedRunner):
             llama.forward(table[None, a:b].to(llama.dtype), torch.arange(n + a, n + b, device=device),
                           voice.rows, n + b)
             voice.upto = n + b
-        cond, uncond = 2 * s, 2 * s + 1
         cache.ensure(P)
-        for row, length in ((cond, n), (uncond, n + T)):
+        for row, length in ((2 * s, n), (2 * s + 1, n + T)):
             cache.k[:, row, :, :length].copy_(voice.rows.k[:, 0, :, :length])
             cache.v[:, row, :, :length].copy_(voice.rows.v[:, 0, :, :length])
-        llama.forward(embeds[:1, n : n + T].to(llama.dtype), torch.arange(n, n + T, device=device),
-                      cache.rows(cond, cond + 1), n + T)
-        hidden = llama.forward(embeds[:, P - 2 :].to(llama.dtype), torch.arange(P - 2, P, device=device),
-                               cache.rows(cond, cond + 2), P)
-        return self.head_logits(hidden)
+        return True
+
+    def _prefill_run(self, run: list, cache) -> dict:
+        """The conditional rows' texts, then both rows' BOS positions, of requests in
+        consecutive slots `run[0][0]...`: two forwards for all of them. {slot: logits (2, V)}."""
+        llama, first, k = self.llama, run[0][0], len(run)
+        device = run[0][1].embeds.device
+        starts = [r.prefix_len for _, r in run]
+        ends = [r.prompt_len - 2 for _, r in run]  # each text is [start, end)
+        width = max(e - a for a, e in zip(starts, ends))
+        texts = []
+        for (_, r), a, e in zip(run, starts, ends):
+            text = r.embeds[0, a:e]
+            texts.append(torch.cat([text, text[-1:].expand(width - (e - a), -1)]))
+        text_pos = torch.stack([torch.arange(a, a + width, device=device) for a in starts])
+        cache.ensure(max(starts) + width)
+        llama.forward(torch.stack(texts).to(llama.dtype), text_pos, cache.rows(2 * first, 2 * (first + k), 2),
+                      max(starts) + width)
+        bos = torch.cat([r.embeds[:, e:] for (_, r), e in zip(run, ends)])  # (2k, 2, C)
+        bos_pos = torch.stack([torch.arange(e, e + 2, device=device) for e in ends]).repeat_interleave(2, 0)
+        hidden = llama.forward(bos.to(llama.dtype), bos_pos, cache.rows(2 * first, 2 * (first + k)),
+                               max(ends) + 2)
+        logits = self.head_logits(hidden)
+        return {s: logits[2 * j : 2 * j + 2] for j, (s, _) in enumerate(run)}
 
     def _uncond_text(self, length: int) -> torch.Tensor | None:
         """The unconditional row's text embeddings for every text position (at least `length`),

@@ -171,7 +171,7 @@ class FastLlama:
 
     def forward(self, x, input_pos, cache: StaticKVCache, kv_len: int):
         """x (B, S, C) embeddings at positions input_pos -> hidden (B, S, C). input_pos is (S,),
-        shared by every row, or (B, 1): one decode position per row (the batch engine's slots)."""
+        shared by every row, or (B, S): each row at its own positions (the batch engine's slots)."""
         if input_pos.dim() == 1:
             cos, sin = self.cos[input_pos][None, None], self.sin[input_pos][None, None]  # (1, 1, S, D)
         else:
