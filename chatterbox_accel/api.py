@@ -320,12 +320,14 @@ def _native_attention(cfg, device_type, dtype, report, t3):
 
     tcfg = t3.tfmr.config
     heads = tcfg.num_attention_heads
-    attention, note = cpu_attention.select(heads, tcfg.hidden_size // heads,
-                                           measure_first=cfg.attention == "auto")
-    report.attention = note
-    if attention is None and (cfg.attention == "native" or "slower" not in note):
-        report.fallbacks["t3.attention.native"] = note + "; using SDPA"
-    return attention
+    try:
+        attention, report.attention = cpu_attention.select(heads, tcfg.hidden_size // heads,
+                                                           measure_first=cfg.attention == "auto")
+    except cpu_attention.Unavailable as e:
+        report.attention = str(e)
+        report.fallbacks["t3.attention.native"] = f"{e}; using SDPA"
+        return None
+    return attention  # None: measured slower, SDPA's by choice (the note says so; not a fallback)
 
 
 def _install_steps(runner, t3, cfg: AccelConfig, report: AccelReport):

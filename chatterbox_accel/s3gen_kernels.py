@@ -23,21 +23,17 @@ products go back to F.linear) and shows in the report.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 
 import torch
 import wrapt
 
 from .patching import shadowed
-from .t3.kernels import KernelTable
-
-logger = logging.getLogger(__name__)
+from .t3.kernels import KernelTable, sample_modules
 
 ROWS = 600           # the estimator's rows at a 3 s voice + 3 s of speech, CFG pair
 SAMPLE_BYTES = 64e6  # fp32 weight bytes timed per kernel
 TOLERANCE = 1e-4     # the estimator probe: max |onednn - plain| / max |plain|
-KERNELS = ("plain", "onednn", "auto")
 
 
 def flow_linears(model) -> list:
@@ -87,16 +83,6 @@ def time_products(modules, table: KernelTable | None, rows: int = ROWS, reps: in
     return best
 
 
-def _sample(modules) -> list:
-    out, total = [], 0
-    for m in modules:
-        out.append(m)
-        total += m.weight.numel() * 4
-        if total >= SAMPLE_BYTES:
-            break
-    return out
-
-
 def install(model, registry, kernel: str) -> tuple[bool, str]:
     """(installed, note). `kernel`: "onednn" (no timing) or "auto" (time plain vs onednn)."""
     from .s3gen import estimator_of, probe_args
@@ -112,7 +98,7 @@ def install(model, registry, kernel: str) -> tuple[bool, str]:
         return False, f"oneDNN packing failed here ({type(exc).__name__}: {exc}); S3Gen runs F.linear"
     note = f"oneDNN-packed copies {table.nbytes / 2**20:.0f} MB"
     if kernel == "auto":
-        sample = _sample(modules)
+        sample = sample_modules(modules, SAMPLE_BYTES)
         plain, packed = time_products(sample, None), time_products(sample, table)
         note = (f"{ROWS}-row products per {sum(m.weight.numel() for m in sample) * 4 / 1e6:.0f} MB sample: "
                 f"F.linear {plain * 1e3:.1f} ms, oneDNN {packed * 1e3:.1f} ms; " + note)

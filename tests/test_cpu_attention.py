@@ -1,5 +1,6 @@
 """The CPU decode-attention kernel (t3/cpu_attention.py): parity with SDPA and with the original
-T3, what it hands to SDPA, and its fallbacks when it cannot be built, is wrong or is slower."""
+T3 (its tokens: test_t3_parity's low-temperature test, parametrized), what it hands to SDPA,
+and its fallbacks when it cannot be built, is wrong or is slower."""
 import ctypes
 import stat
 import sys
@@ -12,10 +13,9 @@ from chatterbox_accel.api import runner_of
 from chatterbox_accel.checkpoints import full_t3
 from chatterbox_accel.t3 import cpu_attention
 from chatterbox_accel.t3.cache import StaticKVCache
-from chatterbox_accel.t3.decode import T3Runner
 from chatterbox_accel.t3.model import sdpa_attention
-from conftest import fresh, holder, original_forced_logits, probe
-from test_t3_parity import assert_close
+from conftest import original_forced_logits, probe
+from test_t3_parity import assert_close, fast_forced_logits
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="built on Linux")
 
@@ -152,37 +152,16 @@ def test_auto_keeps_sdpa_where_the_kernel_measures_slower(tiny_model, monkeypatc
 def test_native_decode_matches_the_original_loop(tiny_t3, native, monkeypatch):
     t3_cond, text, forced = probe(tiny_t3, steps=12)
     ref = original_forced_logits(tiny_t3, t3_cond, text, forced, 0.5, monkeypatch)
-    runner = T3Runner(tiny_t3, attention=native)
-    runner.use_kernels("onednn", "onednn")
-    embeds = runner.build_prompt(fresh(t3_cond), text, 0.5)
-    assert_close(runner.teacher_forced_logits(embeds, forced[:-1], 0.5), ref)  # eager, shared positions
-    assert_close(runner.step_forced_logits(embeds, forced[:-1], 0.5), ref)  # the decoder, per-row positions
+    for installed in (False, True):  # eager (shared positions), the decoder (per-row positions)
+        assert_close(fast_forced_logits(tiny_t3, t3_cond, text, forced, 0.5, attention=native, installed=installed),
+                     ref)
 
 
 def test_full_size_native_decode_matches_the_original_loop(native, monkeypatch):
     t3 = full_t3(seed=3)
     t3_cond, text, forced = probe(t3, steps=6)
     ref = original_forced_logits(t3, t3_cond, text, forced, 0.5, monkeypatch)
-    runner = T3Runner(t3, attention=native)
-    runner.use_kernels("onednn", "onednn")
-    embeds = runner.build_prompt(fresh(t3_cond), text, 0.5)
-    assert_close(runner.step_forced_logits(embeds, forced[:-1], 0.5), ref)
-
-
-def test_native_tokens_equal_the_original(tiny_t3):
-    torch.manual_seed(0)
-    t3_cond, text, _ = probe(tiny_t3)
-    kwargs = dict(text_tokens=text, max_new_tokens=40, temperature=1e-6, cfg_weight=0.5, top_p=1.0)
-    original = type(tiny_t3).inference(tiny_t3, t3_cond=fresh(t3_cond), **kwargs)
-    model = holder(tiny_t3)
-    report = accelerate(model, check=False, attention="native")
-    try:
-        assert "t3.attention.native" in report.applied
-        fast = tiny_t3.inference(t3_cond=fresh(t3_cond), **kwargs)
-    finally:
-        restore(model)
-    assert fast.shape[-1] > 10
-    assert fast.tolist() == original.tolist()
+    assert_close(fast_forced_logits(t3, t3_cond, text, forced, 0.5, attention=native, installed=True), ref)
 
 
 def test_attention_option_is_validated():

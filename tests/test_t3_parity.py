@@ -1,4 +1,6 @@
 """Fast T3 decode vs the original chatterbox T3.inference, same weights."""
+import sys
+
 import pytest
 import torch
 
@@ -18,11 +20,16 @@ def assert_close(fast, ref, rel=REL_TOL):
     assert diff <= rel * scale, f"max |dlogit| {diff:.3g} > {rel:g} x max|logit| {scale:.3g}"
 
 
-def fast_forced_logits(t3, t3_cond, text, forced, cfg_weight, kernel="onednn"):
-    """kernel: the float32 kernel every product runs on (t3/kernels.py; gemv at decode sizes only)."""
-    runner = T3Runner(t3, attention=sdpa_attention)
+def fast_forced_logits(t3, t3_cond, text, forced, cfg_weight, kernel="onednn", attention=sdpa_attention,
+                       installed=False):
+    """kernel: the float32 kernel every product runs on (t3/kernels.py; gemv at decode sizes only).
+    installed: through the one-slot decoder and the installed step (per-row positions), else the
+    eager loop (positions shared by the CFG pair)."""
+    runner = T3Runner(t3, attention=attention)
     runner.use_kernels(kernel, "plain" if kernel == "gemv" else kernel)
     embeds = runner.build_prompt(fresh(t3_cond), text, cfg_weight)
+    if installed:
+        return runner.step_forced_logits(embeds, forced[:-1], cfg_weight)
     return runner.teacher_forced_logits(embeds, forced[:-1], cfg_weight)
 
 
@@ -55,7 +62,9 @@ def test_without_cfg_matches_the_conditional_row(tiny_t3):
     assert_close(fast, ref)
 
 
-def test_low_temperature_gives_the_same_tokens(tiny_t3):
+@pytest.mark.parametrize("attention", ["auto", pytest.param("native", marks=pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the C decode attention is built on Linux"))])
+def test_low_temperature_gives_the_same_tokens(tiny_t3, attention):
     # 1e-6: any top-2 logit gap above ~1e-4 decides the token regardless of the RNG (at 1e-3,
     # random weights hit gaps small enough for the draw to matter a few % of steps).
     torch.manual_seed(0)
@@ -63,9 +72,12 @@ def test_low_temperature_gives_the_same_tokens(tiny_t3):
     kwargs = dict(text_tokens=text, max_new_tokens=40, temperature=1e-6, cfg_weight=0.5, top_p=1.0)
     original = type(tiny_t3).inference(tiny_t3, t3_cond=fresh(t3_cond), **kwargs)
     model = holder(tiny_t3)
-    accelerate(model, check=False)
-    fast = tiny_t3.inference(t3_cond=fresh(t3_cond), **kwargs)
-    restore(model)
+    report = accelerate(model, check=False, attention=attention)
+    try:
+        assert attention == "auto" or f"t3.attention.{attention}" in report.applied
+        fast = tiny_t3.inference(t3_cond=fresh(t3_cond), **kwargs)
+    finally:
+        restore(model)
     assert fast.shape[-1] > 10
     assert fast.tolist() == original.tolist()
 

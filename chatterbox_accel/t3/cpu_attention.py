@@ -166,8 +166,13 @@ class CpuDecodeAttention:
 
 
 def make() -> CpuDecodeAttention:
-    """Build (or find) and load the kernel, and check it on a small random case."""
-    attention = CpuDecodeAttention(load(build()))
+    """Build (or find) and load the kernel, and check it on a small random case; raises
+    Unavailable saying why not."""
+    path = build()
+    try:
+        attention = CpuDecodeAttention(load(path))
+    except (OSError, AttributeError) as e:  # not loadable, or no such symbol in it
+        raise Unavailable(f"the built kernel {path} does not load: {e}") from e
     error = probe_error(attention)
     if not error <= 1e-5:
         raise Unavailable(f"the built kernel disagrees with SDPA by {error:.2e} on a random probe")
@@ -227,12 +232,10 @@ def describe(times: dict) -> str:
 
 
 def select(heads: int, head_dim: int, measure_first: bool = True):
-    """(attention, note): the kernel when it builds, checks and (with `measure_first`) is faster
-    than SDPA summed over PROBE_ROWS; else (None, why)."""
-    try:
-        attention = make()
-    except (Unavailable, OSError, AttributeError) as e:
-        return None, str(e)
+    """(attention, note): the kernel, or None where (with `measure_first`) it measured no faster
+    than SDPA summed over PROBE_ROWS. Raises Unavailable when it cannot be built, loaded or
+    trusted here."""
+    attention = make()
     if not measure_first:
         return attention, "native kernel (not measured: attention='native')"
     times = measure(attention, heads, head_dim)
