@@ -120,7 +120,14 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
                 report.applied.append("s3gen.compile")
             else:
                 report.fallbacks["s3gen.compile"] = why
-        if cfg.s3gen_kernel != "plain" and getattr(model, "s3gen", None) is not None:
+        if cfg.s3gen_kernel == "batch" and getattr(model, "s3gen", None) is not None:
+            from .s3gen_kernels import install_batch_gate
+
+            if install_batch_gate(model, registry) is None:  # else a GPU, or no flow: nothing to say
+                report.applied.append("s3gen.kernel.batch")
+                report.s3gen_kernel = ("generate_batch's flow on oneDNN-packed products where faster: "
+                                       "packed, timed and probed at its first batched flow call")
+        elif cfg.s3gen_kernel != "plain" and getattr(model, "s3gen", None) is not None:
             from .s3gen_kernels import install as install_s3gen_kernels
 
             installed, note = install_s3gen_kernels(model, registry, cfg.s3gen_kernel)

@@ -63,9 +63,11 @@ class AccelConfig:
     # How many reference voices the cache keeps (least recently used ones are dropped).
     voice_cache_size: int = 16
     # CPU: S3Gen's products (every nn.Linear of its flow) on oneDNN-prepacked float32 weights
-    # (s3gen_kernels.py): "plain" = F.linear, upstream's audio bit for bit; "onednn" = always;
-    # "auto" = where it measures faster here. Differs from F.linear by float32 rounding only.
-    s3gen_kernel: str = "plain"
+    # (s3gen_kernels.py), which differ from F.linear by float32 rounding only. "batch" = inside
+    # generate_batch's flow calls, where they measure faster here (generate() and the stream keep
+    # F.linear: upstream's audio bit for bit); "onednn" = everywhere; "auto" = everywhere, where
+    # faster; "plain" = never.
+    s3gen_kernel: str = "batch"
     # S3Gen fast modes (s3gen_fast.py; each changes the audio, each off by default):
     # CFM Euler steps (None: upstream's 10, Turbo's meanflow 2).
     s3gen_steps: int | None = None
@@ -97,7 +99,7 @@ class AccelConfig:
 
         _choice("precision", self.precision, PRECISIONS)
         _choice("s3gen_dtype", self.s3gen_dtype, ("float32", "bfloat16"))
-        _choice("s3gen_kernel", self.s3gen_kernel, ("plain", "onednn", "auto"))
+        _choice("s3gen_kernel", self.s3gen_kernel, ("batch", "plain", "onednn", "auto"))
         _choice("preset", self.preset, tuple(PRESETS))
         bundle = PRESETS[self.preset]
         defaults = {f.name: f.default for f in dataclasses.fields(self)}

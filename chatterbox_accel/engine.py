@@ -35,6 +35,7 @@ import torch
 from .families import FAMILIES, REQUIRED, family_of, generate_options
 from .patching import shadowed
 from .s3gen_batch import flow_mels, on_device, row_noise, vocode
+from .s3gen_kernels import batch_products, prepare_batch
 from .s3gen_fast import modes_of
 from .stream import SPEECH_VOCAB, _check_language, text_tokens_for, with_exaggeration
 from .t3.patch import check_lengths
@@ -204,6 +205,7 @@ def reserve_batch(model, max_batch: int = DEFAULT_MAX_BATCH, max_new_tokens: int
     runner.warm(slots, length)
     cache = runner.slot_cache(slots, length)
     cache.ensure(cache.max_len)
+    prepare_batch(model)  # s3gen_kernel="batch": S3Gen's packed products, now rather than at the first batch
     return runner.cache.nbytes
 
 
@@ -424,7 +426,8 @@ def _synthesize(model, rows, max_batch, metrics, bar) -> list[Result]:
         refs = [on_device(modes.cap(r.conds.gen), s3gen.device, s3gen.dtype) for r in group]
         noises = [row_noise(ref, r.tokens.numel(), ratio, meanflow, r.generator, s3gen.device, s3gen.dtype)
                   for ref, r in zip(refs, group)]
-        mels = flow_mels(flow, [r.tokens.to(s3gen.device) for r in group], refs, noises, steps, meanflow)
+        with batch_products(model):  # s3gen_kernel="batch": this flow's products on oneDNN
+            mels = flow_mels(flow, [r.tokens.to(s3gen.device) for r in group], refs, noises, steps, meanflow)
         if mels[0].is_cuda:
             torch.cuda.synchronize()  # the stage's time is its own, not the vocoder's
         flow_seconds = time.perf_counter() - t

@@ -3,7 +3,7 @@
 generate_batch(), side by side on one full-size English model (random weights), one process.
 
     python scripts/bench_batch.py [--family english|turbo] [--ns 1,2,4,8] [--tokens 75]
-        [--voice-seconds 3] [--mixed-voices] [--repeats 1] [--skip-original] [--s3gen-kernel plain|onednn|auto]
+        [--voice-seconds 3] [--mixed-voices] [--repeats 1] [--skip-original] [--s3gen-kernel batch|plain|onednn|auto]
         [--checkpoint DIR]
         [--out bench/results/NAME.json]
 
@@ -151,8 +151,9 @@ def main():
     ap.add_argument("--checkpoint", default="/tmp/chatterbox-accel-bench-english")
     ap.add_argument("--out", default="")
     ap.add_argument("--skip-original", action="store_true")
-    ap.add_argument("--s3gen-kernel", default="plain", choices=["plain", "onednn", "auto"],
-                    help="accelerate()'s s3gen_kernel for both accelerated paths (plain: upstream's audio bit for bit)")
+    ap.add_argument("--s3gen-kernel", default="batch", choices=["batch", "plain", "onednn", "auto"],
+                    help="accelerate()'s s3gen_kernel (default batch, as accelerate(): oneDNN products in "
+                         "generate_batch's flow only; plain: F.linear everywhere; auto/onednn: in both paths)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each accelerated path per N, alternating; the median-total run is shown "
                          "(the original runs once)")
@@ -229,11 +230,11 @@ def main():
     summary = dict(bench="batch", family=args.family, weights="random", hardware=hardware(), versions=versions(),
                    command="python scripts/bench_batch.py " + " ".join(
                        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
-                       if v not in (False, "", 0, "cpu", "plain") and k not in ("checkpoint", "out")),
+                       if v != ap.get_default(k) and k not in ("checkpoint", "out")),
                    tokens_per_utterance=args.tokens, voice_seconds=args.voice_seconds,
                    mixed_voices=args.mixed_voices, kv_cache_reserved_mb=reserved / 2**20,
                    kernels=report.kernels.describe() if report.kernels else None, attention=report.attention,
-                   s3gen_kernel=report.s3gen_kernel or None, rows=rows, ratios=ratios)
+                   s3gen_kernel=report.s3gen_kernel or report.fallbacks.get("s3gen.kernel"), rows=rows, ratios=ratios)
     emit(summary, args.out)
 
 

@@ -1,29 +1,40 @@
 """S3Gen's products on oneDNN-packed weights (s3gen_kernels.py): parity with the F.linear path,
 that they really run, restore(), and the fallbacks (a failure at run time, a probe that
-disagrees, a machine where oneDNN is slower)."""
+disagrees, a machine where oneDNN is slower); the default, s3gen_kernel="batch": the packed
+products in generate_batch's flow only, generate() still upstream's audio bit for bit."""
+import threading
+
 import pytest
 import torch
 
 from chatterbox_accel import accelerate, restore
+from chatterbox_accel.engine import generate_batch
+from chatterbox_accel.patching import is_patched
 from chatterbox_accel import s3gen_kernels
 from chatterbox_accel.s3gen_fast import compare_mels, mel_probe
-from chatterbox_accel.t3.kernels import KernelTable
 
 TOKENS = ((torch.arange(40) * 797 + 11) % 6561)[None]
 
 
 @pytest.fixture
 def counted(monkeypatch):
-    """How many products the kernel table computed (not handed back to F.linear)."""
+    """How many of S3Gen's products the packed copies computed (not handed back to F.linear;
+    T3's products, which have kernel tables of their own, are not counted)."""
     calls = {"table": 0}
-    original = KernelTable.__call__
+    original = s3gen_kernels.LinearThroughTable.__call__
 
-    def counting(self, module, x):
-        out = original(self, module, x)
-        calls["table"] += out is not None
+    def counting(self, wrapped, instance, args, kwargs):
+        handed_back = []
+
+        def plain(*a, **k):
+            handed_back.append(True)
+            return wrapped(*a, **k)
+
+        out = original(self, plain, instance, args, kwargs)
+        calls["table"] += not handed_back
         return out
 
-    monkeypatch.setattr(KernelTable, "__call__", counting)
+    monkeypatch.setattr(s3gen_kernels.LinearThroughTable, "__call__", counting)
     return calls
 
 
@@ -115,4 +126,74 @@ def test_option_is_validated():
 
     with pytest.raises(ValueError, match="s3gen_kernel='fast'"):
         AccelConfig(s3gen_kernel="fast")
-    assert AccelConfig().s3gen_kernel == "plain"  # upstream's audio bit for bit unless asked
+    assert AccelConfig().s3gen_kernel == "batch"  # generate(): upstream's audio bit for bit unless asked
+
+
+TEXTS = ["Hello there.", "A second, different sentence."]
+
+
+def test_default_batch_kernels_run_in_generate_batch_only(tiny_model, counted):
+    torch.manual_seed(3)
+    upstream = tiny_model.generate(TEXTS[0])
+    plain = generate_batch(tiny_model, TEXTS, seed=[1, 2], max_new_tokens=10)  # not accelerated: F.linear
+    assert counted["table"] == 0
+    report = accelerate(tiny_model)
+    try:
+        assert "s3gen.kernel.batch" in report.applied and "first batched flow call" in report.s3gen_kernel
+        linear = s3gen_kernels.flow_linears(tiny_model)[0]
+        assert is_patched(linear.forward)
+        torch.manual_seed(3)
+        assert torch.equal(tiny_model.generate(TEXTS[0]), upstream) and counted["table"] == 0
+        fast = tiny_model.generate_batch(TEXTS, seed=[1, 2], max_new_tokens=10)
+        assert counted["table"] > 100, "generate_batch's flow must run on the packed copies"
+        assert report.s3gen_kernel.startswith("generate_batch's flow: 1200-row products")
+        for a, b in zip(plain, fast):
+            assert torch.equal(a.speech_tokens, b.speech_tokens)
+            assert a.wav.shape == b.wav.shape
+            assert (a.wav - b.wav).abs().max() <= 1e-3 * a.wav.abs().max()  # float32 rounding, 10 CFM steps
+        before = counted["table"]
+        torch.manual_seed(3)
+        assert torch.equal(tiny_model.generate(TEXTS[0]), upstream), "generate() after a batch: F.linear again"
+        assert counted["table"] == before
+    finally:
+        restore(tiny_model)
+    assert not is_patched(linear.forward)
+
+
+def test_the_gate_is_per_thread(tiny_model, counted):
+    """Inside one thread's batch_products, a product in another thread (a concurrent generate())
+    keeps F.linear."""
+    accelerate(tiny_model, t3=False)
+    try:
+        linear = s3gen_kernels.flow_linears(tiny_model)[0]
+        x = torch.randn(700, linear.in_features)
+        seen = {}
+        with torch.inference_mode(), s3gen_kernels.batch_products(tiny_model):
+            here = counted["table"]
+            linear(x)
+            assert counted["table"] == here + 1
+            worker = threading.Thread(target=lambda: seen.update(out=linear(x), calls=counted["table"]))
+            worker.start()
+            worker.join()
+        assert seen["calls"] == here + 1
+        assert torch.equal(seen["out"], torch.nn.functional.linear(x, linear.weight, linear.bias))
+    finally:
+        restore(tiny_model)
+
+
+def test_batch_kernels_that_fail_to_prepare_leave_the_batch_on_f_linear(tiny_model, monkeypatch, counted):
+    plain = generate_batch(tiny_model, TEXTS, seed=[1, 2], max_new_tokens=10)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("injected: no oneDNN here")
+
+    monkeypatch.setattr(s3gen_kernels, "KernelTable", refuse)
+    report = accelerate(tiny_model, t3=False)
+    try:
+        fast = tiny_model.generate_batch(TEXTS, seed=[1, 2], max_new_tokens=10)
+        assert "injected: no oneDNN here" in report.fallbacks["s3gen.kernel"] and not report.s3gen_kernel
+        assert counted["table"] == 0
+        for a, b in zip(plain, fast):
+            assert torch.equal(a.wav, b.wav)
+    finally:
+        restore(tiny_model)
