@@ -192,7 +192,7 @@ def test_unconditional_text_table_is_per_voice_and_order_free(t3, runner, monkey
     text positions come from one table per voice, computed in fixed blocks of 64. A request's
     logits are the same bits whether a longer text (two more blocks) came first or not, and a
     text spanning three blocks still gives upstream's loop within 1e-4 of max |logit|."""
-    from chatterbox_accel.t3.decode import TEXT_BLOCK
+    from chatterbox_accel.t3.prefill import TEXT_BLOCK
 
     cond, _ = text_of(t3, 8)
     forced = (torch.arange(6) * 797 + 11) % 6561
