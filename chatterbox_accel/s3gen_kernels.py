@@ -1,4 +1,5 @@
-"""S3Gen's matrix products on a CPU through oneDNN on prepacked weights: opt-in, measured, checked.
+"""S3Gen's matrix products on a CPU through oneDNN on prepacked weights: measured, checked, and by
+default only inside `generate_batch`'s flow.
 
 S3Gen's flow is about half of `generate()` on a CPU, the CFM estimator ~95 % of it, and ~60 % of
 the estimator is `nn.Linear` products over its CFG pair's frames (600 rows for a 3 s voice and
@@ -17,8 +18,9 @@ the first batched flow call (or `reserve_batch()`), so a model that never batche
 "plain" never.
 
 Every `nn.Linear` of `s3gen.flow` (encoder and estimator) gets an instance-level wrapt patch of
-its `forward` (reverted by `restore()`), so `generate()`'s upstream S3Gen, `generate_batch` and
-the stream all run through it. Products of 16 rows or fewer, non-float32 inputs, inputs that
+its `forward` (reverted by `restore()`): with "onednn"/"auto" the products of `generate()`'s
+upstream S3Gen, `generate_batch` and the stream all run through it; with "batch" it is a gate
+(`BatchGate`) open only inside `batch_products()`. Products of 16 rows or fewer, non-float32 inputs, inputs that
 need a gradient and products under autocast (`s3gen_dtype="bfloat16"`) keep `F.linear`. Each
 prepacked copy stands for its weight as it was; a weight changed later is repacked before use
 (t3/kernels.py `KernelTable`). Installing checks one product against F.linear and the whole

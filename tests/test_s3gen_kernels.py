@@ -150,7 +150,9 @@ def test_default_batch_kernels_run_in_generate_batch_only(tiny_model, counted):
         for a, b in zip(plain, fast):
             assert torch.equal(a.speech_tokens, b.speech_tokens)
             assert a.wav.shape == b.wav.shape
-            assert (a.wav - b.wav).abs().max() <= 1e-3 * a.wav.abs().max()  # float32 rounding, 10 CFM steps
+            deviation = ((a.wav - b.wav).abs().max() / a.wav.abs().max()).item()
+            print(f"batch row on oneDNN vs F.linear: max|d|/max|wav| {deviation:.1e}")  # pytest -s shows it
+            assert deviation <= 1e-4  # float32 rounding through 10 CFM steps and HiFT (measured 1.4e-6)
         before = counted["table"]
         torch.manual_seed(3)
         assert torch.equal(tiny_model.generate(TEXTS[0]), upstream), "generate() after a batch: F.linear again"
