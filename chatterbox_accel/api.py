@@ -123,7 +123,8 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
         if cfg.s3gen_kernel == "batch":  # the default: only for generate_batch (VC has none)
             from .s3gen_kernels import install_batch_gate
 
-            if family_of(model) in BATCH_FAMILIES and install_batch_gate(model, registry) is None:
+            if (family_of(model) in BATCH_FAMILIES and getattr(model, "s3gen", None) is not None
+                    and install_batch_gate(model, registry) is None):
                 report.applied.append("s3gen.kernel.batch")
                 report.s3gen_kernel = ("generate_batch's flow on oneDNN-packed products where faster: "
                                        "packed, timed and probed at its first batched flow call")
