@@ -120,23 +120,21 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
                 report.applied.append("s3gen.compile")
             else:
                 report.fallbacks["s3gen.compile"] = why
-        if cfg.s3gen_kernel == "batch":  # the default: only for generate_batch (VC has none)
-            from .s3gen_kernels import install_batch_gate
+        if cfg.s3gen_kernel != "plain" and getattr(model, "s3gen", None) is not None:
+            from .s3gen_kernels import install as install_s3gen_kernels, install_batch_gate
 
-            if (family_of(model) in BATCH_FAMILIES and getattr(model, "s3gen", None) is not None
-                    and install_batch_gate(model, registry) is None):
-                report.applied.append("s3gen.kernel.batch")
-                report.s3gen_kernel = ("generate_batch's flow on oneDNN-packed products where faster: "
-                                       "packed, timed and probed at its first batched flow call")
-        elif cfg.s3gen_kernel != "plain" and getattr(model, "s3gen", None) is not None:
-            from .s3gen_kernels import install as install_s3gen_kernels
-
-            installed, note = install_s3gen_kernels(model, registry, cfg.s3gen_kernel)
-            if installed:
-                report.applied.append("s3gen.kernel.onednn")
-                report.s3gen_kernel = note
+            if cfg.s3gen_kernel == "batch":  # the default: only for generate_batch (VC has none)
+                if family_of(model) in BATCH_FAMILIES and install_batch_gate(model, registry) is None:
+                    report.applied.append("s3gen.kernel.batch")
+                    report.s3gen_kernel = ("generate_batch's flow on oneDNN-packed products where faster: "
+                                           "packed, timed and probed at its first batched flow call")
             else:
-                report.fallbacks["s3gen.kernel"] = note
+                installed, note = install_s3gen_kernels(model, registry, cfg.s3gen_kernel)
+                if installed:
+                    report.applied.append("s3gen.kernel.onednn")
+                    report.s3gen_kernel = note
+                else:
+                    report.fallbacks["s3gen.kernel"] = note
         if cfg.s3gen_modes.active:
             why = None if cfg.check else versions.chatterbox_reason("the S3Gen fast modes")
             if why:

@@ -93,16 +93,24 @@ def time_products(modules, table: KernelTable | None, rows: int = ROWS, reps: in
     return best
 
 
+def unavailable(model) -> str | None:
+    """Why the packed products cannot apply to this model's flow, or None."""
+    if not flow_linears(model):
+        return "no nn.Linear in S3Gen's flow"
+    if next(model.s3gen.parameters()).device.type != "cpu":
+        return "s3gen_kernel is for S3Gen on a CPU (on a GPU F.linear is cuBLAS)"
+    return None
+
+
 def prepare(model, registry, kernel: str, rows: int = ROWS) -> tuple[LinearThroughTable | None, str]:
     """(wrapper, note): the wrapt wrapper running S3Gen's products on the packed copies, or None
     and why not. `kernel`: "onednn" (no timing) or "auto" (time plain vs onednn at `rows`)."""
     from .s3gen import estimator_of, probe_args
 
+    why = unavailable(model)
+    if why:
+        return None, why
     modules = flow_linears(model)
-    if not modules:
-        return None, "no nn.Linear in S3Gen's flow"
-    if next(model.s3gen.parameters()).device.type != "cpu":
-        return None, "s3gen_kernel is for S3Gen on a CPU (on a GPU F.linear is cuBLAS)"
     try:
         table = KernelTable(modules, "plain", "onednn", rows=rows)  # prepares and checks the copies
     except Exception as exc:  # oneDNN missing from this torch build, a copy refused, ...
@@ -186,13 +194,11 @@ class BatchGate:
 
 def install_batch_gate(model, registry) -> str | None:
     """Install the gate (s3gen_kernel="batch"); None, or why it does not apply here."""
-    modules = flow_linears(model)
-    if not modules:
-        return "no nn.Linear in S3Gen's flow"
-    if next(model.s3gen.parameters()).device.type != "cpu":
-        return "s3gen_kernel is for S3Gen on a CPU (on a GPU F.linear is cuBLAS)"
+    why = unavailable(model)
+    if why:
+        return why
     gate = registry.state["s3gen_batch_gate"] = BatchGate(model, registry)
-    for m in modules:
+    for m in flow_linears(model):
         registry.wrap_method(m, "forward", gate)
     return None
 
