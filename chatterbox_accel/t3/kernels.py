@@ -11,9 +11,11 @@ ms per pass over 2 GB of 4096x1024 weights):
 
 So nothing is assumed: at `accelerate()` each candidate is timed on a sample of the model's own
 weights at the decode row count and at a prefill size (`select`), and the fastest is used.
-`plain` (`F.linear`, the original's own kernel) is always a candidate, so the exact path is never
-installed slower than the original's; a reduced-precision format whose best kernel measures
-slower than `plain` is refused.
+`plain` (`F.linear`, the original's own kernel) is always a candidate, so the exact path never
+installs a kernel slower than the original's over the measured cost (`decode_cost`: a single
+request's pass plus a 16-row batch's pass; at the single request's rows alone a kernel chosen
+for batches may be a little slower); a reduced-precision format whose best kernel measures
+slower than `plain` at the decode rows is refused.
 
 Weight formats (`precision`; every copy is private, the model's tensors are never touched):
 - float32 (exact): `plain`; `gemv` (`W @ x^T`, decode sizes); `onednn` (weights prepacked into
@@ -334,6 +336,17 @@ def time_kernel(name: str, modules, plain: Callable, rows: int, reps: int = 3) -
     return out
 
 
+def decode_cost(name: str, timing: dict, precision: str) -> float:
+    """What `select` minimises for the decode kernel: one pass at the single request's rows plus
+    one at BATCH_ROWS (a request alone, and a batch), and on the exact path a kernel that keeps a
+    private copy (memory) pays COPY_MARGIN: it must buy a clear gain, not noise. So a single
+    request may run a kernel a little slower at its own rows than `plain`, where that kernel
+    is much faster for batches."""
+    copies = KERNELS[name].prepare not in (None, _same)
+    t = timing["decode"] + timing.get("batch", 0.0)
+    return t * (COPY_MARGIN if precision == "float32" and copies else 1.0)
+
+
 def select(modules, plain: Callable, precision: str = "float32", *, rows: int = 2,
            allowed: tuple | None = None, pinned: str | None = None, timer: Callable | None = None) -> Selection:
     """Time the candidates of `precision` (and `plain`) on a sample of `modules`; pick per phase.
@@ -364,13 +377,7 @@ def select(modules, plain: Callable, precision: str = "float32", *, rows: int = 
                 raise
             skipped[name] = f"{type(exc).__name__}: {exc}"
     fmt = [n for n in timings if KERNELS[n].precision == precision]
-
-    def cost(name):  # exact path: a private copy (memory) must buy a clear gain, not noise
-        copies = KERNELS[name].prepare not in (None, _same)
-        t = timings[name]["decode"] + timings[name].get("batch", 0.0)  # one request, and a batch
-        return t * (COPY_MARGIN if precision == "float32" and copies else 1.0)
-
-    decode = min(fmt, key=cost) if fmt else None
+    decode = min(fmt, key=lambda name: decode_cost(name, timings[name], precision)) if fmt else None
     plain_decode = timings["plain"]["decode"]
     if precision != "float32" and (decode is None or timings[decode]["decode"] >= plain_decode):
         detail = ", ".join(f"{n} {t['decode'] * 1e3:.1f} ms" for n, t in timings.items())
