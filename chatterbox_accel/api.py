@@ -179,7 +179,7 @@ def _accelerate_t3(model, t3, cfg: AccelConfig, report: AccelReport, registry) -
     if cfg.check:
         report.check = run_output_check(t3, runner, _builtin_t3_conds(model), steps=cfg.check_steps,
                                         tolerance=_check_tolerance(cfg, runner),
-                                        precision=_installed_precision(runner))
+                                        precision=_installed_precision(runner, t3))
 
 
 def _attach(model, registry, report, name: str, fn) -> None:
@@ -285,14 +285,16 @@ def _build_runner(t3, cfg: AccelConfig, report: AccelReport):
 
         return TurboRunner(t3, attention=attention, dtype=dtype, sync_every=eos_every,
                            static_cache=cfg.static_cache)
-    if cfg.compiles_t3(device_type):
-        bucket = None  # one static shape for torch.compile
-    elif cfg.wants_cuda_graphs(device_type):
-        bucket = cfg.kv_bucket  # one captured graph per bucket
-    else:
-        bucket = 32  # eager: read little more of the cache than is filled
     return T3Runner(t3, attention=attention, dtype=dtype, sync_every=eos_every,
-                    kv_bucket=bucket, static_cache=cfg.static_cache)
+                    kv_bucket=kv_bucket_for(cfg, device_type), static_cache=cfg.static_cache)
+
+
+def kv_bucket_for(cfg: AccelConfig, device_type: str) -> int:
+    """How far attention reads the cache past the newest position (rounded up to this), whatever
+    the step: on CUDA `kv_bucket`, one captured graph per bucket (a compiled step too: automatic
+    dynamic shapes compile one bucket-agnostic step, and warm-up captures every bucket); on a
+    CPU 32, little more than is filled."""
+    return cfg.kv_bucket if device_type == "cuda" else 32
 
 
 def _select_attention(cfg, device_type, dtype, report, t3):
@@ -436,10 +438,19 @@ def _install_s3gen_modes(model, cfg: AccelConfig, report: AccelReport, registry)
     report.applied += modes.names()
 
 
-def _installed_precision(runner) -> str:
-    """The weight format T3's decode products actually run in (float32 unless a table says so)."""
+def _installed_precision(runner, t3=None) -> str:
+    """The weight format T3's decode products actually run in, against the model's own: a CPU
+    kernel table's format, or a reduced compute dtype the runner casts a float32 T3 to (a GPU's
+    dtype="bfloat16"), which the check judges by the same argmax/KL limits as the CPU's bf16
+    weights. A T3 loaded in bf16 that computes in bf16 is judged against itself by tolerance."""
     table = runner.backbone.kernels
-    return table.decode.precision if table is not None and table.kernel is not None else "float32"
+    if table is not None and table.kernel is not None:
+        return table.decode.precision
+    own = t3.speech_head.weight.dtype if t3 is not None else runner.backbone.dtype
+    computes = runner.backbone.dtype
+    if computes != own and computes in (torch.bfloat16, torch.float16):
+        return {torch.bfloat16: "bfloat16", torch.float16: "float16"}[computes]
+    return "float32"
 
 
 GENERATE_MAX_NEW_TOKENS = 1000  # what generate() asks T3 for (English, Multilingual)

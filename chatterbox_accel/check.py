@@ -36,6 +36,7 @@ class PrecisionLimits:
 # margin; a trained model's logits are peakier, so these bound what was seen, not what it sounds like.
 PRECISION_LIMITS = {
     "bfloat16": PrecisionLimits(argmax=0.95, kl_mean=1e-3),  # measured KL 1.6e-5 (English)
+    "float16": PrecisionLimits(argmax=0.95, kl_mean=1e-3),   # a GPU's dtype="float16": bf16's bounds
     "int8": PrecisionLimits(argmax=0.9, kl_mean=1e-2),       # measured 4.4e-4
     "int4": PrecisionLimits(argmax=0.8, kl_mean=5e-2),       # measured 4.0e-3
 }

@@ -38,7 +38,9 @@ class AccelConfig:
     compile_targets: tuple = ("t3",)
     # Capture the decode step in CUDA graphs (one per KV-length bucket). None = on for CUDA.
     cuda_graphs: bool | None = None
-    # KV-length bucket size for CUDA graphs and for how far attention reads the cache.
+    # CUDA (English): attention reads the KV cache up to the next multiple of this past the newest
+    # position, compiled or not; one CUDA graph per bucket, all captured at warm-up. A CPU reads in
+    # steps of 32; Turbo's eager GPT-2 step reads what is filled.
     kv_bucket: int = 256
     # Read the decoder's sampled ids (each row's EOS) on the host every this many steps (one
     # device sync per read; admissions wait for one). None = every step on CPU (a sync is free

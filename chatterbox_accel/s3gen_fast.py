@@ -227,14 +227,14 @@ def mel_probe(model, ref: dict, tokens: torch.Tensor | None = None) -> tuple[tor
     if tokens is None:
         tokens = ((torch.arange(PROBE_TOKENS) * 797 + 11) % 6561)[None]
     tokens = tokens.to(device)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
+    # manual_seed seeds every device's generator: fork them all (CPU and the model's CUDA
+    # device), so the caller's CUDA RNG is left as it was too.
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
         start = time.perf_counter()
         mel = model.s3gen.flow_inference(tokens, ref_dict=ref, finalize=True)
         return mel.float(), time.perf_counter() - start
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def compare_mels(mel: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:

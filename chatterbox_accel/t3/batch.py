@@ -84,7 +84,7 @@ class RowParams:
 
     def set(self, slot: int, options: dict) -> None:
         for name in self.names:
-            getattr(self, name)[slot] = float(options[name])
+            getattr(self, name)[slot].fill_(float(options[name]))  # a fill: no host tensor copied
 
     def rows(self, start: int, stop: int) -> "RowParams":
         return RowParams(self.names, [getattr(self, n)[start:stop] for n in self.names], self.use_top_p)
@@ -282,8 +282,10 @@ class SlotDecoder:
             end = P - 2  # conditioning + text + BOS + BOS: the text is the slice T3.inference gives it
             row.feed = AnalyzerFeed(new_analyzer(runner.t3, (end - request.text_len, end)), runner.llama,
                                     runner.heads, first_token=self.bos)
+        # In-place fills and scatters with Python scalars: indexed assignment of `True` copies a
+        # host tensor to the device (a sync per call on CUDA).
         self.presence[s].zero_()
-        self.presence[s, self.bos] = True  # the original's id list starts with BOS
+        self.presence[s, self.bos : self.bos + 1].fill_(True)  # the original's id list starts with BOS
         self.params.set(s, request.options)
         self.params.use_top_p = bool(request.options["top_p"] < 1.0)
         combined = runner.combine(logits, self.params.rows(s, s + 1))
@@ -293,10 +295,11 @@ class SlotDecoder:
                              [request.generator], [True])
         if runner.first_presence_only:  # from now on, the generated tokens only
             self.presence[s].zero_()
-            self.presence[s, first[0]] = True
-        self.state.token[s] = first[0].clamp_min(0)
-        self.state.pos[s], self.state.speech_pos[s] = P, 1
-        self.on[s] = True
+            self.presence[s].scatter_(0, first[:1].clamp_min(0), True)
+        self.state.token[s : s + 1].copy_(first[:1].clamp_min(0))
+        self.state.pos[s : s + 1].fill_(P)
+        self.state.speech_pos[s : s + 1].fill_(1)
+        self.on[s : s + 1].fill_(True)
         return int(first[0])
 
     def _decode(self, active, events) -> None:
@@ -362,10 +365,9 @@ class SlotDecoder:
     @torch.inference_mode()
     def _free(self, s: int) -> None:
         self.rows[s] = None
-        self.on[s] = False
-        self.state.pos[s] = 0  # a free slot computes at position 0 of its own rows
-        self.state.token[s] = 0
-        self.state.speech_pos[s] = 0
+        self.on[s : s + 1].fill_(False)
+        for t in (self.state.pos, self.state.token, self.state.speech_pos):
+            t[s : s + 1].fill_(0)  # a free slot computes token 0 at position 0 of its own rows
 
     def _analyze(self, combined, active):
         """Multilingual: each active row's upstream analyzer on its own maps (one host copy of
@@ -388,7 +390,7 @@ class SlotDecoder:
         scores = self.runner.scores(combined, presence, params)
         nxt = sample(scores, noise=lambda probs: race(probs, generators, active))  # (S,)
         nxt = torch.where(torch.isneginf(scores).all(dim=-1), -1, nxt)
-        presence[torch.arange(len(active), device=combined.device), nxt.clamp_min(0)] = True  # reset on admit
+        presence.scatter_(1, nxt.clamp_min(0)[:, None], True)  # no host copy (reset on admit)
         return nxt
 
     # ---- whole decodes --------------------------------------------------------------------------

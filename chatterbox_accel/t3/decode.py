@@ -31,6 +31,15 @@ from .sampling import cfg_combine, process_logits
 logger = logging.getLogger(__name__)
 
 
+def max_positions(hp) -> int:
+    """Cache positions a T3 prompt plus decode can reach, rounded up to 256: the conditioning
+    (speaker, prompt speech tokens, emotion), the text with its start/stop tokens, two BOS and
+    every speech token its learned position embedding allows. RoPE tables are built for this
+    once, so they never change under a captured graph."""
+    cond = 2 + (hp.speech_cond_prompt_len or 0)
+    return round_up(cond + hp.max_text_tokens + 2 + 2 + hp.max_speech_tokens + 2, 256)
+
+
 class CachedRunner:
     """What `T3Runner` (Llama) and Turbo's `TurboRunner` (GPT-2) share: the KV cache, the
     engine's decoders over it, prefix-shared prefill, and one request decoded in blocks.
@@ -141,9 +150,7 @@ class CachedRunner:
             rows = max(R * slots, cache.batch if cache is not None else 0)
             length = max(length, cache.max_len if cache is not None else 0)
             self.cache, self._views = None, {}  # free the old buffers before allocating larger ones
-            invalidate = getattr(self.step, "invalidate", None)
-            if invalidate is not None:  # captured graphs point into the old buffers
-                invalidate()
+            self.invalidate_graphs()  # captured graphs point into the old buffers
             for decoder in self._decoders.values():  # their rows lived in the old buffers
                 decoder.drop_cache()
             cache = self.cache = backbone.new_cache(rows, length, lazy=True)
@@ -151,6 +158,12 @@ class CachedRunner:
         if view is None:
             view = self._views[slots] = cache.rows(0, R * slots)
         return view
+
+    def invalidate_graphs(self) -> None:
+        """Drop every captured graph (they read buffers that are being replaced)."""
+        invalidate = getattr(self.step, "invalidate", None)
+        if invalidate is not None:
+            invalidate()
 
     def decoder(self, slots: int) -> SlotDecoder:
         """The runner's decoder of `slots` slots (one per count: its state tensors are what a
@@ -230,8 +243,8 @@ class T3Runner(SharedTextPrefill, CachedRunner):
                  static_cache=True):
         """sync_every: decode steps between host reads of the sampled ids (EOS checks).
         kv_bucket: attention reads the cache up to the next multiple of this past the newest
-        token (a few shapes: one CUDA graph each). None: always the whole cache (one shape,
-        for torch.compile, which would otherwise recompile per bucket)."""
+        token (a few shapes: one CUDA graph each; a compiled step compiles once for all of them,
+        graphs.py). None: always the whole cache."""
         self.t3 = t3
         self.hp = t3.hp
         self.tfmr, self.speech_head = t3.tfmr, t3.speech_head
@@ -239,7 +252,8 @@ class T3Runner(SharedTextPrefill, CachedRunner):
             # Reduced precision runs on a private copy: the user's model is never cast.
             self.tfmr = copy.deepcopy(t3.tfmr).to(dtype)
             self.speech_head = copy.deepcopy(t3.speech_head).to(dtype)
-        self.llama = FastLlama(self.tfmr, attention)
+        self.llama = FastLlama(self.tfmr, attention, max_positions=max_positions(self.hp))
+        self.llama.on_rope_change = self.invalidate_graphs
         self.heads = aligned_heads() if self.hp.is_multilingual else []
         if self.heads:  # multilingual: the alignment analyzer reads these heads every step
             self.llama.spy_heads(self.heads)

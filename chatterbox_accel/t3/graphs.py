@@ -5,10 +5,19 @@ The step is the decoder's forward, `runner.step(state, cache, kv_len) -> logits 
 sync. Sampling runs after it, eagerly, per row (each row may own a generator).
 
 `install_step(runner, ...)` picks the step implementation, most to least ambitious:
-  CUDA graph of (compiled or eager) step  ->  torch.compile'd step  ->  eager step.
+  CUDA graphs of the compiled step -> CUDA graphs of the eager step -> torch.compile'd step
+  -> eager step.
 Each stage is tried on real warm-up decodes; if it raises, the next one down is used and the
 reason is returned for the report. At run time `GuardedStep` drops back to the eager step if a
 compiled/captured step ever fails, so generation never dies on an optimization.
+
+The step is compiled with `dynamic=None` (automatic dynamic shapes): the first call specializes,
+the first call at another kv length or slot count recompiles once with those sizes symbolic, and
+later sizes reuse that code. With `dynamic=False` every (slot count, kv bucket) pair would be a
+compile of its own (~1 min each at full size) and past Dynamo's recompile limit (8) the step
+would silently run eagerly. Our graphs wrap the compiled step, so the compiled code itself must
+not capture graphs of its own: "max-autotune" is compiled as "max-autotune-no-cudagraphs" under
+them, and "reduce-overhead" (its own graphs) is used without ours.
 """
 from __future__ import annotations
 
@@ -25,6 +34,11 @@ class GuardedStep:
     def __init__(self, runner, fast, name: str):
         self.runner, self.fast, self.name = runner, fast, name
         self.error: str | None = None
+
+    @property
+    def captures(self) -> int:
+        """CUDA graphs captured so far (0 when the fast step captures none)."""
+        return getattr(self.fast, "captures", 0)
 
     def __call__(self, state, cache, kv_len):
         try:
@@ -91,8 +105,12 @@ class CudaGraphStep:
         self._make = capture or self._capture
 
     def invalidate(self) -> None:
+        """Drop every graph and the memory pool they shared: a pool whose graphs are gone must
+        not be captured into again (torch asserts on its use count, and GuardedStep would then
+        switch to eager for good); the next capture starts a fresh one."""
         self.graphs.clear()
         self.owners.clear()
+        self.pool = None
 
     def _captured_on(self, state, cache) -> bool:
         """Whether this slot count's graphs were captured on these very objects (identity)."""
@@ -145,27 +163,49 @@ class CudaGraphStep:
         return graph, out
 
 
-def install_step(runner, *, compile_step: bool, mode: str, cuda_graphs: bool, warmup) -> dict:
-    """Set `runner.step`; returns {"applied": [...], "fallbacks": {name: reason}}."""
-    applied, fallbacks = [], {}
+def step_candidates(runner, *, compile_step: bool, mode: str, cuda_graphs: bool, fallbacks: dict,
+                    graph_step=CudaGraphStep) -> list:
+    """[(report name, step)], most to least ambitious (the module docstring's order); notes on
+    modes that cannot do what was asked go to `fallbacks`. `graph_step` (tests: a fake-graph
+    class) wraps a step in CUDA graphs."""
     candidates = []
     if compile_step and mode == "reduce-overhead" and runner.backbone.device.type != "cuda":
         # Its CUDA graphs cannot exist off CUDA: say so instead of reporting them as applied.
         fallbacks["t3.compile[reduce-overhead]"] = (f"reduce-overhead's CUDA graphs need CUDA (the model is on "
                                                     f"{runner.backbone.device.type}); compiled with mode='default'")
         mode = "default"
+    if compile_step and mode == "reduce-overhead" and cuda_graphs:
+        fallbacks["t3.cuda_graphs"] = ("compile_mode='reduce-overhead' captures CUDA graphs of its own; the "
+                                       "project's graphs (per slot count and kv bucket, captured at warm-up) "
+                                       "are not used with it")
+        cuda_graphs = False
     if compile_step:
-        compiled = torch.compile(runner.slot_logits, mode=mode, fullgraph=False, dynamic=False)
-        if cuda_graphs and mode != "reduce-overhead":
-            candidates.append(("t3.compile+cuda_graphs", CudaGraphStep(compiled)))
+        compiled = torch.compile(runner.slot_logits, mode=mode, fullgraph=False, dynamic=None)
+        if cuda_graphs:
+            inner = compiled if mode == "default" else torch.compile(
+                runner.slot_logits, mode="max-autotune-no-cudagraphs", fullgraph=False, dynamic=None)
+            candidates.append(("t3.compile+cuda_graphs", graph_step(inner)))
+    if cuda_graphs:  # the eager step captured: when the compiled one fails, graphs still pay most
+        candidates.append(("t3.cuda_graphs", graph_step(runner.slot_logits)))
+    if compile_step:
         candidates.append((f"t3.compile[{mode}]", compiled))
-    elif cuda_graphs:
-        candidates.append(("t3.cuda_graphs", CudaGraphStep(runner.slot_logits)))
+    return candidates
+
+
+def install_step(runner, *, compile_step: bool, mode: str, cuda_graphs: bool, warmup,
+                 graph_step=CudaGraphStep) -> dict:
+    """Set `runner.step`; returns {"applied": [...], "fallbacks": {name: reason}}."""
+    applied, fallbacks = [], {}
+    candidates = step_candidates(runner, compile_step=compile_step, mode=mode, cuda_graphs=cuda_graphs,
+                                 fallbacks=fallbacks, graph_step=graph_step)
     for name, step in candidates:
         runner.step = step
         try:
             warmup()
         except Exception as exc:
+            invalidate = getattr(step, "invalidate", None)
+            if invalidate is not None:  # graphs and pool of a failed candidate: never replayed
+                invalidate()
             reason = f"{type(exc).__name__}: {exc}"
             logger.warning("chatterbox_accel: %s failed during warm-up, falling back: %s", name, reason)
             fallbacks[name] = reason

@@ -121,7 +121,9 @@ def make_flash_attention() -> Callable | None:
 class FastLlama:
     """`forward(x, input_pos, cache, kv_len)` for one HF LlamaModel; returns final-norm hidden."""
 
-    def __init__(self, llama, attention: Callable = sdpa_attention):
+    def __init__(self, llama, attention: Callable = sdpa_attention, max_positions: int = 0):
+        """max_positions: build the RoPE tables for this many positions now (T3: every position
+        its learned embeddings can reach), so they never change under a captured graph."""
         cfg = llama.config
         self.llama = llama
         self.layers = list(llama.layers[: cfg.num_hidden_layers])
@@ -134,6 +136,9 @@ class FastLlama:
         self.spied: dict[int, torch.Tensor] = {}  # layer -> (S, kv_len) probabilities, batch row 0
         self.spy_rows = False  # True: keep every row's map, (B, S, kv_len) (the batch engine)
         self.kernels = None  # KernelTable (CPU), set by the runner after measuring
+        self.on_rope_change: Callable | None = None  # called when the tables are rebuilt (graphs read them)
+        if max_positions:
+            self.ensure_positions(max_positions)
 
     plain = staticmethod(linear)  # the original's kernel for any product of this backbone
 
@@ -162,9 +167,17 @@ class FastLlama:
     def device(self):
         return self.llama.norm.weight.device
 
-    def new_cache(self, batch: int, max_len: int, lazy: bool = False) -> StaticKVCache:
+    def ensure_positions(self, max_len: int) -> None:
+        """RoPE tables for positions 0..max_len-1. Rebuilding them frees the old ones, which a
+        captured graph may still read: `on_rope_change` (the runner's graph invalidation) runs."""
         if self.cos is None or self.cos.shape[0] < max_len:
+            rebuilt = self.cos is not None
             self.cos, self.sin = rope_table(self.llama, max_len, self.device, self.dtype)
+            if rebuilt and self.on_rope_change is not None:
+                self.on_rope_change()
+
+    def new_cache(self, batch: int, max_len: int, lazy: bool = False) -> StaticKVCache:
+        self.ensure_positions(max_len)
         return StaticKVCache(
             len(self.layers), batch, self.n_kv_heads, max_len, self.head_dim, self.dtype, self.device, lazy
         )
