@@ -57,6 +57,7 @@ class T3BenchResult:
     checks: dict = field(default_factory=dict)    # variant -> output check line
     kernels: dict = field(default_factory=dict)   # variant -> kernel selection line (CPU)
     options: dict = field(default_factory=dict)   # variant -> accelerate() options
+    ran: dict = field(default_factory=dict)       # variant -> what ran (report_summary, after the timed runs)
     device: str = ""
     family: str = "english"
 
@@ -69,7 +70,8 @@ class T3BenchResult:
         first = variants[0]
         paths = {p: {"it_s": round(self.it_s(p), 3), "speedup": round(self.it_s(p) / orig, 3),
                      "vs_" + first: round(self.it_s(p) / self.it_s(first), 3),
-                     "options": self.options[p], "kernels": self.kernels.get(p, ""), "check": self.checks[p]}
+                     "options": self.options[p], "kernels": self.kernels.get(p, ""), "check": self.checks[p],
+                     **self.ran.get(p, {})}
                  for p in variants}
         return {"benchmark": "t3_decode", "family": self.family, "tokens": self.tokens, "device": self.device,
                 "original_it_s": round(orig, 3), "accelerated_it_s": paths[first]["it_s"],
@@ -111,6 +113,7 @@ def bench_t3(t3, *, tokens=40, repeats=3, warmup=1, options=None, variants=None)
         text[:, 0], text[:, -1] = t3.hp.start_text_token, t3.hp.stop_text_token
     method, kwargs = decode_call(t3, text, tokens)
     paths = {"original": lambda: getattr(type(t3), method)(t3, t3_cond=_fresh(t3_cond), **kwargs)}
+    reports = {}
     for name, opts in variants.items():
         try:
             report = accelerate(holder, **opts)
@@ -122,6 +125,7 @@ def bench_t3(t3, *, tokens=40, repeats=3, warmup=1, options=None, variants=None)
         if fast is None or report.restored:
             raise RuntimeError(f"variant {name!r} did not accelerate: {report}")
         paths[name] = lambda fast=fast: fast.run({"t3_cond": _fresh(t3_cond), **kwargs})
+        reports[name] = (report, fast.runner)
     for i in range(warmup + repeats):
         for name, run in paths.items():
             sync(t3.device)
@@ -131,7 +135,19 @@ def bench_t3(t3, *, tokens=40, repeats=3, warmup=1, options=None, variants=None)
             if i >= warmup:
                 result.seconds.setdefault(name, []).append(time.perf_counter() - start)
                 result.counts.setdefault(name, []).append(out.shape[-1])
+    result.ran = {name: report_summary(report, runner) for name, (report, runner) in reports.items()}
     return result
+
+
+def report_summary(report, runner=None) -> dict:
+    """What ran, for a benchmark's JSON line: applied, fallbacks with reasons, run-time events
+    (a step that fell back to eager mid-run shows here, not as "the GPU is slow"), the CUDA
+    graphs captured and the installed step. Read it after the timed runs."""
+    step = getattr(runner, "step", None) if runner is not None else None
+    return {"applied": list(report.applied), "fallbacks": dict(report.fallbacks),
+            "runtime": list(report.runtime),  # the runner's own event list, up to date
+            "captures": int(getattr(step, "captures", 0) or 0),
+            "step": getattr(step, "name", None) or ("eager" if step is not None else None)}
 
 
 def decode_call(t3, text, tokens: int, temperature: float = 0.8) -> tuple[str, dict]:
@@ -163,4 +179,4 @@ def json_line(summary: dict) -> str:
     return json.dumps(summary, sort_keys=False)
 
 
-__all__ = ["bench_t3", "T3BenchResult", "hardware", "versions", "json_line"]
+__all__ = ["bench_t3", "T3BenchResult", "hardware", "versions", "json_line", "report_summary"]

@@ -34,7 +34,8 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
 from chatterbox_accel import accelerate  # noqa: E402
-from chatterbox_accel.benchmark import hardware, json_line, versions  # noqa: E402
+from chatterbox_accel.api import runner_of  # noqa: E402
+from chatterbox_accel.benchmark import hardware, json_line, report_summary, versions  # noqa: E402
 from chatterbox_accel.checkpoints import (synthetic_voice, write_english_checkpoint,  # noqa: E402
                                           write_turbo_checkpoint)
 from chatterbox_accel.families import FAMILIES  # noqa: E402
@@ -179,10 +180,15 @@ def main():
     # Warm-up (not recorded): numba/librosa in the watermarker, the kernels, both paths; and the
     # KV cache of the largest batch reserved (allocated and touched) as a service does at start.
     warm = [TEXTS[0], TEXTS[1]]
-    reserved = reserve_batch(model, args.max_batch or max(int(n) for n in args.ns.split(",")))
+    reserved = reserve_batch(model, args.max_batch or max(ns))
+    for n in sorted(set(ns), reverse=True):  # every slot count's graphs captured before any timing
+        reserve_batch(model, args.max_batch or n)
     sequential(model, warm[:1], [None], [0], original=True)
     sequential(model, warm[:1], [None], [0], original=False)
     batched(model, warm, [None, str(second) if args.mixed_voices else None], [0, 1], 2)
+    if args.device != "cpu":  # a warm run per N: compiles and captures of its slot count out of the timings
+        for n in ns:
+            batched(model, [TEXTS[i % len(TEXTS)] for i in range(n)], [None] * n, list(range(n)), args.max_batch or n)
     rows = []
     for n in ns:
         texts = [TEXTS[i % len(TEXTS)] for i in range(n)]
@@ -234,7 +240,8 @@ def main():
                    tokens_per_utterance=args.tokens, voice_seconds=args.voice_seconds,
                    mixed_voices=args.mixed_voices, kv_cache_reserved_mb=reserved / 2**20,
                    kernels=report.kernels.describe() if report.kernels else None, attention=report.attention,
-                   s3gen_kernel=report.s3gen_kernel or report.fallbacks.get("s3gen.kernel"), rows=rows, ratios=ratios)
+                   s3gen_kernel=report.s3gen_kernel or report.fallbacks.get("s3gen.kernel"), rows=rows, ratios=ratios,
+                   ran=report_summary(report, runner_of(model)))
     emit(summary, args.out)
 
 

@@ -5,10 +5,12 @@ Same random weights (full-size T3 unless --layers), CFG batch 2, N tokens per ru
 alternating repeats; prints a table, then one JSON line last.
 
     python scripts/bench_t3.py --tokens 40 --repeats 3 [--multilingual | --turbo] [--no-prepack]
-        [--precision float32,int8,...] [--kernel NAME]
+        [--precision float32,int8,...] [--kernel NAME] [--variants default,graphs,eager,bf16]
 
-Each --precision value is one accelerated variant, run in the same process on the same weights
-(alternating with the original), so the table's ratios are measured side by side.
+Each --precision value (or --variants name) is one accelerated variant, run in the same process
+on the same weights (alternating with the original, which is timed once for all of them), so
+the table's ratios are measured side by side. The JSON line records, per variant, what ran:
+applied, fallbacks, run-time events and CUDA graphs captured.
 """
 import argparse
 import logging
@@ -20,6 +22,17 @@ import torch  # noqa: E402
 
 from chatterbox_accel.benchmark import bench_t3, json_line  # noqa: E402
 from chatterbox_accel.checkpoints import full_t3, tiny_t3, tiny_turbo_t3  # noqa: E402
+
+
+# --variants: named step variants (a GPU's first profile times them all against one original).
+VARIANTS = {
+    "default": {},                                              # CUDA: compile + CUDA graphs
+    "graphs": {"compile": False},                               # CUDA graphs of the eager step
+    "compile": {"cuda_graphs": False},                          # torch.compile only
+    "eager": {"compile": False, "cuda_graphs": False},
+    "bf16": {"dtype": "bfloat16"},                              # compile + graphs in bf16
+    "bf16-graphs": {"dtype": "bfloat16", "compile": False},
+}
 
 
 def main():
@@ -38,6 +51,8 @@ def main():
     ap.add_argument("--precision", default="float32",
                     help="comma-separated T3 weight formats, one variant each: float32,bfloat16,int8,int4")
     ap.add_argument("--kernel", default="auto", help="CPU: pin a kernel (cpu_kernel) instead of measuring")
+    ap.add_argument("--variants", default="", help=f"comma-separated named variants instead of --precision: "
+                    f"{', '.join(VARIANTS)}")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     mtl = args.multilingual
@@ -51,7 +66,11 @@ def main():
     if args.no_prepack:
         options.update(cpu_prepack=False)
     variants = {}
-    for precision in args.precision.split(","):
+    for name in filter(None, args.variants.split(",")):
+        if name not in VARIANTS:
+            ap.error(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        variants[name] = {**options, **VARIANTS[name]}
+    for precision in args.precision.split(",") if not variants else ():
         name = "accelerated" if precision == "float32" else f"accelerated {precision}"
         variants[name] = {**options, "precision": precision, "cpu_kernel": args.kernel}
     result = bench_t3(t3, tokens=args.tokens, repeats=args.repeats, warmup=args.warmup, variants=variants)
