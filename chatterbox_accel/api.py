@@ -20,6 +20,7 @@ from .config import AccelConfig
 from .engine import BATCH_FAMILIES, generate_batch
 from .families import family_of, t3_fallback_reason, voice_method_of
 from .patching import drop_registry, get_registry
+from .precision import checked_runner, select_kernels
 from .stream import generate_stream, stream_unsupported
 from .t3.decode import T3Runner
 from .t3.graphs import install_step
@@ -53,6 +54,7 @@ class AccelReport:
     runtime: list = field(default_factory=list)  # run-time fallbacks since accelerate(), as they happen
     attention: str = ""  # the CPU decode attention's measurement (or why it is not used)
     s3gen_kernel: str = ""  # the S3Gen oneDNN products' measurement and probe (s3gen_kernels.py)
+    refused: list = field(default_factory=list)  # reduced-precision kernels the check refused: (name, CheckResult)
 
     @property
     def ok(self) -> bool:
@@ -166,20 +168,25 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
 
 def _accelerate_t3(model, t3, cfg: AccelConfig, report: AccelReport, registry) -> None:
     """Any family's T3: its runner (Llama or GPT-2, as the T3 itself says), the decode step
-    (compile / CUDA graphs, tried on a warm-up), the CPU kernels, the wrapper of the T3 method
-    generate() calls, then the output check through the installed step."""
-    runner = _build_runner(t3, cfg, report)
-    _install_steps(runner, t3, cfg, report)
-    _select_kernels(runner, cfg, report, compiled=runner.step != runner.slot_logits)
+    (compile / CUDA graphs, tried on a warm-up), the CPU kernels, the output check through the
+    installed step (a reduced precision that fails it falls back one kernel, then to the exact
+    fast path: precision.py), then the wrapper of the T3 method generate() calls."""
+    def build(config: AccelConfig):
+        runner = _build_runner(t3, config, report)
+        _install_steps(runner, t3, config, report)
+        select_kernels(runner, config, report, compiled=runner.step != runner.slot_logits)
+        return runner
+
+    def check(runner, precision: str):
+        return run_output_check(t3, runner, _builtin_t3_conds(model), steps=cfg.check_steps,
+                                tolerance=_check_tolerance(cfg, runner), precision=precision)
+
+    runner, report.check = checked_runner(t3, cfg, report, build, check)
     fast = runner.wrapper(runner)
     registry.state["t3_runner"], registry.state["t3_inference"] = runner, fast
     registry.wrap_method(t3, fast.method.split(".")[-1], fast)
     report.applied.append("t3.static_kv_cache" if cfg.static_cache else "t3.kv_cache")
     report.applied.append("t3.device_sampler")
-    if cfg.check:
-        report.check = run_output_check(t3, runner, _builtin_t3_conds(model), steps=cfg.check_steps,
-                                        tolerance=_check_tolerance(cfg, runner),
-                                        precision=_installed_precision(runner, t3))
 
 
 def _attach(model, registry, report, name: str, fn) -> None:
@@ -360,52 +367,6 @@ def _install_steps(runner, t3, cfg: AccelConfig, report: AccelReport):
     report.fallbacks.update(result["fallbacks"])
 
 
-def _select_kernels(runner, cfg: AccelConfig, report: AccelReport, compiled: bool) -> None:
-    """CPU: time the candidate kernels of `cfg.precision` on the model's own weights and run T3's
-    products on the fastest (t3/kernels.py); a reduced precision with no kernel faster than plain
-    float32 is refused (float32 is then selected). Off the CPU, or when it fails, the plain kernels."""
-    from .t3.kernels import KernelRefused, select
-
-    backbone = runner.backbone
-    if backbone.device.type != "cpu":
-        if cfg.precision in ("int8", "int4"):
-            report.fallbacks["t3.precision"] = (f"precision={cfg.precision!r} is CPU-only so far (not measured "
-                                                f"on a GPU, where T3 at batch 1-2 is launch-bound); T3 stays "
-                                                f"{cfg.dtype}")
-        return
-    why = None
-    if backbone.dtype != torch.float32:
-        why = f"the kernel table takes float32 T3 weights (T3 runs in {backbone.dtype})"
-    elif compiled:
-        why = "the decode step is compiled: torch.compile traces the plain kernels"
-    if why is not None:
-        if cfg.precision != "float32":
-            report.fallbacks["t3.precision"] = f"{why}; T3 stays {cfg.dtype}"
-        report.fallbacks["t3.cpu_kernels"] = f"{why}; T3 uses the plain kernels"
-        return
-    exact_allowed = None if cfg.cpu_prepack else ("plain", "gemv")  # cpu_prepack=False: never onednn
-    pinned = None if cfg.cpu_kernel == "auto" else cfg.cpu_kernel
-    modules = runner.product_modules()
-    try:
-        try:
-            selection = select(modules, backbone.plain, cfg.precision, rows=runner.decode_rows, pinned=pinned,
-                               allowed=exact_allowed if cfg.precision == "float32" else None)
-        except KernelRefused as exc:
-            report.fallbacks["t3.precision"] = f"{exc}; T3 stays float32"
-            selection = select(modules, backbone.plain, "float32", rows=runner.decode_rows, allowed=exact_allowed)
-        table = runner.use_kernels(selection.decode, selection.prefill)
-    except Exception as exc:  # an op missing from this torch build, a kernel refused, ...
-        runner.backbone.kernels = None
-        report.fallbacks["t3.cpu_kernels"] = f"{type(exc).__name__}: {exc}; T3 uses the plain kernels"
-        return
-    report.kernels = selection
-    report.applied.append("t3.cpu_kernels")
-    if selection.precision != "float32":
-        report.applied.append(f"t3.precision.{selection.precision}")
-    logger.info("chatterbox_accel: T3 kernels %s; %.2f GiB of private weight copies",
-                selection.describe(), table.nbytes / 2**30)
-
-
 def _install_s3gen_modes(model, cfg: AccelConfig, report: AccelReport, registry) -> None:
     """The S3Gen fast modes (s3gen_fast.py), after a probe measured their mel deviation from the
     exact path within MEL_LIMIT; over it, they are refused with the figures (the rest stays)."""
@@ -436,21 +397,6 @@ def _install_s3gen_modes(model, cfg: AccelConfig, report: AccelReport, registry)
             return
     install(model, registry, modes)
     report.applied += modes.names()
-
-
-def _installed_precision(runner, t3=None) -> str:
-    """The weight format T3's decode products actually run in, against the model's own: a CPU
-    kernel table's format, or a reduced compute dtype the runner casts a float32 T3 to (a GPU's
-    dtype="bfloat16"), which the check judges by the same argmax/KL limits as the CPU's bf16
-    weights. A T3 loaded in bf16 that computes in bf16 is judged against itself by tolerance."""
-    table = runner.backbone.kernels
-    if table is not None and table.kernel is not None:
-        return table.decode.precision
-    own = t3.speech_head.weight.dtype if t3 is not None else runner.backbone.dtype
-    computes = runner.backbone.dtype
-    if computes != own and computes in (torch.bfloat16, torch.float16):
-        return {torch.bfloat16: "bfloat16", torch.float16: "float16"}[computes]
-    return "float32"
 
 
 GENERATE_MAX_NEW_TOKENS = 1000  # what generate() asks T3 for (English, Multilingual)

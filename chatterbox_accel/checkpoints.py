@@ -67,10 +67,11 @@ def _seeded(seed: int, build):
 
 
 def tiny_t3(seed: int = 0, layers: int = 2, stop_after: int | None = None, multilingual: bool = False,
-            intermediate_size: int | None = None):
+            intermediate_size: int | None = None, realistic: float | None = None):
     """A T3 with a `layers`-deep Llama backbone (registered under TINY_LLAMA), random weights.
     multilingual: the multilingual text vocabulary (its alignment analyzer reads layers 9, 12
-    and 13, so give it at least 14 layers). intermediate_size: a narrower MLP, for speed."""
+    and 13, so give it at least 14 layers). intermediate_size: a narrower MLP, for speed.
+    realistic: peaked logits of this mean entropy (nats) and outlier channels (realistic.py)."""
     from chatterbox.models.t3 import T3
     from chatterbox.models.t3.llama_configs import LLAMA_520M_CONFIG_DICT, LLAMA_CONFIGS
     from chatterbox.models.t3.modules.t3_config import T3Config
@@ -81,15 +82,26 @@ def tiny_t3(seed: int = 0, layers: int = 2, stop_after: int | None = None, multi
                                     "intermediate_size": width})
     hp = T3Config.multilingual() if multilingual else T3Config.english_only()
     hp.llama_config_name = name
-    return _shape_speech_head(_seeded(seed, lambda: T3(hp)).eval(), stop_after)
+    return _realistic(_shape_speech_head(_seeded(seed, lambda: T3(hp)).eval(), stop_after), realistic)
 
 
-def full_t3(seed: int = 0, stop_after: int | None = None, multilingual: bool = False):
+def full_t3(seed: int = 0, stop_after: int | None = None, multilingual: bool = False,
+            realistic: float | None = None):
+    """A full-size random T3; realistic: as tiny_t3's."""
     from chatterbox.models.t3 import T3
     from chatterbox.models.t3.modules.t3_config import T3Config
 
     hp = T3Config.multilingual() if multilingual else T3Config.english_only()
-    return _shape_speech_head(_seeded(seed, lambda: T3(hp)).eval(), stop_after)
+    return _realistic(_shape_speech_head(_seeded(seed, lambda: T3(hp)).eval(), stop_after), realistic)
+
+
+def _realistic(t3, entropy: float | None):
+    """`realistic.make_realistic` at this entropy (None: the flat random head, unchanged)."""
+    if entropy is not None:
+        from .realistic import make_realistic
+
+        make_realistic(t3, entropy=entropy)
+    return t3
 
 
 @torch.no_grad()
@@ -153,24 +165,29 @@ def _save_safetensors(module, path: Path) -> None:
 
 
 def write_english_checkpoint(folder, seed: int = 0, overwrite: bool = False,
-                             stop_after: int | None = None, voice_seconds: float = 10.0) -> Path:
+                             stop_after: int | None = None, voice_seconds: float = 10.0,
+                             realistic: float | None = None) -> Path:
     """Write a full-size random English checkpoint into `folder`; return the folder.
     `stop_after`: make T3 stop after about that many speech tokens (see _shape_speech_head).
     `voice_seconds`: length of the built-in voice; S3Gen re-processes it on every call, so
-    short ones make fast tests (benchmarks keep chatterbox's 10 s)."""
+    short ones make fast tests (benchmarks keep chatterbox's 10 s). `realistic`: a T3 with
+    peaked logits of that mean entropy (nats) and outlier channels (realistic.py), for
+    reduced-precision work; None: the flat random head."""
     from chatterbox.models.s3gen import S3Gen
     from chatterbox.models.voice_encoder import VoiceEncoder
 
     folder = Path(folder)
     meta = {"family": "english", "seed": seed, "random_weights": True, "stop_after": stop_after,
             "voice_seconds": voice_seconds}
+    if realistic is not None:
+        meta["realistic_entropy"] = realistic
     meta_file = folder / "chatterbox_accel.json"
     if not overwrite and is_complete(folder):
         if json.loads(meta_file.read_text()) == meta:
             return folder  # already written with these settings
     folder.mkdir(parents=True, exist_ok=True)
     ve = _seeded(seed + 1, VoiceEncoder).eval()
-    t3 = full_t3(seed, stop_after)
+    t3 = full_t3(seed, stop_after, realistic=realistic)
     s3gen = _seeded(seed + 2, S3Gen).eval()
     _save_safetensors(ve, folder / "ve.safetensors")
     _save_safetensors(t3, folder / "t3_cfg.safetensors")

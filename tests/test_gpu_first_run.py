@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from chatterbox_accel.api import _installed_precision, kv_bucket_for
+from chatterbox_accel.api import kv_bucket_for
+from chatterbox_accel.precision import installed_precision as _installed_precision
 from chatterbox_accel.check import probe_inputs
 from chatterbox_accel.config import AccelConfig
 from chatterbox_accel.t3.decode import T3Runner, max_positions

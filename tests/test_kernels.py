@@ -8,7 +8,7 @@ import torch
 import chatterbox_accel.t3.kernels as kernels
 import chatterbox_accel.t3.model as fast_model
 from chatterbox_accel import accelerate, restore
-from chatterbox_accel.api import fast_inference_of, runner_of
+from chatterbox_accel.api import OutputCheckError, fast_inference_of, runner_of
 from conftest import fresh, holder, probe
 
 
@@ -242,13 +242,67 @@ def test_a_slower_precision_is_refused_and_float32_selected(tiny_t3, monkeypatch
 
 
 def test_a_precision_over_its_limits_is_refused_with_the_figures(tiny_t3, monkeypatch):
+    """Old: a reduced precision that failed the check reverted every patch, the exact fast path
+    included. Now it falls back to the exact fast path, and the report says why, with figures."""
     import chatterbox_accel.check as check
 
-    monkeypatch.setitem(check.PRECISION_LIMITS, "int8", check.PrecisionLimits(argmax=1.0, kl_mean=1e-12))
+    monkeypatch.setitem(check.PRECISION_LIMITS, "int8", check.PrecisionLimits(argmax=1.0, tv_mean=0.0, tv_max=0.0))
     model = holder(tiny_t3)
-    with pytest.warns(RuntimeWarning, match=r"output check FAILED.*int8: limits.*KL mean"):
-        report = accelerate(model, precision="int8", cpu_kernel="fbgemm-int8")
-    assert report.restored and "inference" not in tiny_t3.__dict__
+    report = accelerate(model, precision="int8", cpu_kernel="fbgemm-int8")
+    try:
+        assert report.ok and report.check.passed and report.check.precision == "float32", str(report)
+        assert "t3.precision.int8" not in report.applied and "t3.device_sampler" in report.applied
+        assert report.kernels.precision == "float32"
+        why = report.fallbacks["t3.precision"]
+        assert "fbgemm-int8 refused by the output check" in why and "sampling TV mean" in why
+        assert "exact fast path" in why and [name for name, _ in report.refused] == ["fbgemm-int8"]
+        assert "inference" in tiny_t3.__dict__  # the fast loop runs
+        assert fast_tokens(tiny_t3).tolist() == original_tokens(tiny_t3).tolist()
+    finally:
+        restore(model)
+    with pytest.raises(OutputCheckError, match=r"output check FAILED.*int8: limits"):
+        accelerate(model, precision="int8", cpu_kernel="fbgemm-int8", strict=True)
+    assert "inference" not in tiny_t3.__dict__
+
+
+def test_a_refused_kernel_falls_back_to_the_next_of_its_precision(tiny_t3, monkeypatch):
+    """The gate refuses the fastest int8 kernel: the next int8 kernel that measured faster than
+    exact is tried and runs; applied names int8, the report names the refused kernel."""
+    import chatterbox_accel.check as check
+
+    monkeypatch.setattr(kernels, "time_kernel", lambda name, *a: {
+        "plain": {"decode": 0.01, "batch": 0.02, "prefill": 0.01}, "fbgemm-int8": {"decode": 0.002, "batch": 0.004,
+        "prefill": 0.02}, "int8pack": {"decode": 0.004, "batch": 0.008, "prefill": 0.02}}[name])
+    real = check.compare
+
+    def refuse_fbgemm(fast, ref, tolerance, precision="float32", *args):
+        result = real(fast, ref, tolerance, precision, *args)
+        table = runner_of_holder["runner"].backbone.kernels
+        if table is not None and table.decode.name == "fbgemm-int8":
+            result = dataclasses.replace(result, passed=False)
+        return result
+
+    runner_of_holder = {}
+    monkeypatch.setattr(check, "compare", refuse_fbgemm)
+    model = holder(tiny_t3)
+    from chatterbox_accel.t3 import decode as decode_module
+
+    real_use = decode_module.CachedRunner.use_kernels
+
+    def use(self, *a, **k):
+        runner_of_holder["runner"] = self
+        return real_use(self, *a, **k)
+
+    monkeypatch.setattr(decode_module.CachedRunner, "use_kernels", use)
+    report = accelerate(model, precision="int8")
+    try:
+        assert report.check.passed and report.check.precision == "int8", str(report)
+        assert "t3.precision.int8" in report.applied and report.kernels.decode == "int8pack"
+        assert "fbgemm-int8 refused by the output check" in report.fallbacks["t3.precision"]
+        assert "int8pack runs" in report.fallbacks["t3.precision"]
+        assert runner_of(model).backbone.kernels.decode.name == "int8pack"  # what runs is what it says
+    finally:
+        restore(model)
 
 
 def test_cpu_prepack_false_keeps_int8_candidates(tiny_t3, monkeypatch):
@@ -265,17 +319,15 @@ def test_cpu_kernel_must_match_the_precision():
         accelerate(holder(None), precision="int3")
 
 
-# Measured on full_t3(seed=0), the 8-step probe, on a 2-core Intel Xeon (AMX), torch 2.6.0:
-# kernel: (KL mean, max relative |dlogit|) = onednn-bf16 (1.6e-5, 0.013), bf16 (1.7e-5, 0.011),
-# fbgemm-int8 (4.4e-4, 0.061), int8pack (1.3e-4, 0.029), int4pack (1.6e-2, 0.32; pinned, so the
-# prefill runs int4 too). The bounds are those with a 2.5x margin, except fbgemm-int8's KL: on a
-# 2-core AMD EPYC with AVX2 only (no VNNI) it measured 1.46e-3 (fbgemm's AVX2 path sums u8 x s8
-# pairs in saturating int16), so its bound is 2.5x that.
-@pytest.mark.parametrize("precision,kernel,kl,rel", [
-    ("bfloat16", "onednn-bf16", 4e-5, 0.03), ("bfloat16", "bf16", 4e-5, 0.03),
-    ("int8", "fbgemm-int8", 3.7e-3, 0.15), ("int8", "int8pack", 4e-4, 0.08), ("int4", "int4pack", 4e-2, 0.8),
+# Every reduced kernel on the full-size (flat) checkpoint passes the gate, whose limits are the
+# same on every CPU (check.py says why each value); the realistic checkpoint's figures are in
+# test_precision_gate.py and bench_quality. (These once asserted KL bounds measured on one Xeon,
+# which fbgemm's AVX2 path exceeded: a threshold from one CPU, not a rule.)
+@pytest.mark.parametrize("precision,kernel", [
+    ("bfloat16", "onednn-bf16"), ("bfloat16", "bf16"), ("int8", "fbgemm-int8"), ("int8", "int8pack"),
+    ("int4", "int4pack"),
 ])
-def test_full_size_reduced_precision_within_measured_bounds(full_size_t3, precision, kernel, kl, rel):
+def test_full_size_reduced_precision_passes_the_gate(full_size_t3, precision, kernel):
     model = holder(full_size_t3)
     report = accelerate(model, precision=precision, cpu_kernel=kernel)
     try:
@@ -284,14 +336,6 @@ def test_full_size_reduced_precision_within_measured_bounds(full_size_t3, precis
             pytest.skip(f"{kernel} is not supported by this CPU ({why})")
         check = report.check
         assert check.passed and check.precision == precision, str(report)
-        assert check.kl_mean <= kl and check.rel_diff <= rel, str(check)
         assert check.rel_diff > 1e-4  # the copies really are reduced: not the float32 weights
     finally:
         restore(model)
-
-
-@pytest.fixture(scope="module")
-def full_size_t3():
-    from chatterbox_accel.checkpoints import full_t3
-
-    return full_t3(seed=0)

@@ -79,13 +79,13 @@ class CachedRunner:
         """Every module a decode step multiplies by: the backbone's projections, the speech head."""
         return self.backbone.linears() + [self.speech_head]
 
-    def use_kernels(self, decode: str, prefill: str):
+    def use_kernels(self, decode: str, prefill: str, single: str | None = None):
         """Run the backbone's products through these kernels (names from kernels.KERNELS), on
         private copies prepared now; returns the KernelTable. Raises when they do not work here."""
         from .kernels import KernelTable
 
         self.backbone.kernels = None
-        table = KernelTable(self.product_modules(), decode, prefill, rows=self.decode_rows)
+        table = KernelTable(self.product_modules(), decode, prefill, rows=self.decode_rows, single=single)
         self.backbone.kernels = table
         return table
 

@@ -28,11 +28,13 @@ Weight formats (`precision`; every copy is private, the model's tensors are neve
 - int4 (groups of 64, asymmetric): `int4pack` (`aten._weight_int4pack_mm_for_cpu`, bf16
   activations). Weights whose shape the kernel cannot take (the 8194-row speech head) stay plain.
 
-Each phase gets its kernel: decode-sized products (<= DECODE_ROWS rows) the candidate fastest
-over one pass at the single request's rows plus one at BATCH_ROWS (the batch engine decodes 8
-requests as 16 rows: on an AVX-512 EPYC, `gemv` tied oneDNN at 2 rows and was 2.7x slower at
-16, so a 2-row measurement alone chose the kernel that made batches slow),
-prefill-sized ones the faster of `plain` and that same kernel (so at most one private copy).
+Each row count gets its kernel: decode-sized products (<= DECODE_ROWS rows) the candidate
+fastest over one pass at the single request's rows plus one at BATCH_ROWS (the batch engine
+decodes 8 requests as 16 rows: on an AVX-512 EPYC, `gemv` tied oneDNN at 2 rows and was 2.7x
+slower at 16, so a 2-row measurement alone chose the kernel that made batches slow); one
+request's own rows `plain` instead where plain measured faster there (float32 only: on an Intel
+Xeon, oneDNN won at 16 rows and lost at 2); prefill-sized ones the faster of `plain` and the
+decode kernel. So at most one private copy, whatever the row count.
 Every prepared copy is checked once against `F.linear` of the weight it stands for; a copy whose
 weight changed later (in place or a new Parameter) is rebuilt before use; a failure at run time
 switches the table off (logged) and the step goes on with the plain kernels.
@@ -191,12 +193,18 @@ class KernelTable:
     decode-sized and prefill-sized products. `__call__` returns None where the plain kernel
     should answer (a weight the kernel cannot take, a plain phase, or the table switched off)."""
 
-    def __init__(self, modules, decode: str, prefill: str, rows: int = 2):
+    def __init__(self, modules, decode: str, prefill: str, rows: int = 2, single: str | None = None):
+        """decode: the kernel of products of rows+1..DECODE_ROWS rows (batched decoding); single:
+        of products of at most `rows` rows (one request's decode; default: `decode`); prefill:
+        of larger ones. At most one kernel among them keeps copies; the others are `plain`."""
         self.decode, self.prefill, self.rows = KERNELS[decode], KERNELS[prefill], rows
+        self.single = KERNELS[single or decode]
         self.disabled: str | None = None
         self.entries = {}
-        kernel = self.decode if self.decode.prepare is not None else self.prefill
-        self.kernel = kernel if kernel.prepare is not None else None  # the one that keeps copies
+        keeping = {k.name: k for k in (self.single, self.decode, self.prefill) if k.prepare is not None}
+        if len(keeping) > 1:
+            raise ValueError(f"one kernel with copies per table, got {sorted(keeping)}")
+        self.kernel = next(iter(keeping.values()), None)  # the one that keeps copies
         if self.kernel is not None:
             for module in modules:
                 if self.kernel.supports(weight_of(module)):
@@ -219,7 +227,8 @@ class KernelTable:
         return int(sum(p.numel() for p, _, _ in self.entries.values()) * per_weight)
 
     def __call__(self, module, x: torch.Tensor):
-        kernel = self.decode if _rows(x) <= DECODE_ROWS else self.prefill
+        rows = _rows(x)
+        kernel = self.single if rows <= self.rows else self.decode if rows <= DECODE_ROWS else self.prefill
         if self.disabled is not None or kernel.run is None or kernel is not self.kernel:
             return None
         if kernel.max_rows is not None and _rows(x) > kernel.max_rows:
@@ -272,6 +281,26 @@ class Selection:
     skipped: dict = field(default_factory=dict)
     seconds: float = 0.0
     pinned: bool = False
+    single: str = ""  # the kernel of one request's decode rows ("" = decode's)
+
+    @property
+    def single_kernel(self) -> str:
+        return self.single or self.decode
+
+    def alternatives(self) -> list[str]:
+        """The other timed kernels of this precision that measured faster than plain float32 at
+        the decode rows, best first: what the output check falls back to, one at a time."""
+        plain = self.timings.get("plain", {}).get("decode", float("inf"))
+        names = [n for n, t in self.timings.items() if n not in (self.decode, "plain")
+                 and KERNELS[n].precision == self.precision and t["decode"] < plain]
+        return sorted(names, key=lambda n: decode_cost(n, self.timings[n], self.precision))
+
+    def with_decode(self, name: str) -> "Selection":
+        """The same measurement with `name` as the decode kernel (prefill: the faster of plain
+        and it, as `select` picks)."""
+        from dataclasses import replace
+
+        return replace(self, decode=name, single="", prefill=_faster_prefill(self.timings, name))
 
     def speedup(self, phase: str = "decode") -> float | None:
         """Measured plain time / chosen kernel time for a phase (None when not measured)."""
@@ -280,6 +309,7 @@ class Selection:
         return plain / chosen if plain and chosen else None
 
     def describe(self) -> str:
+        single = f", one request's decode {self.single}" if self.single and self.single != self.decode else ""
         if self.pinned:
             return f"{self.precision}: decode {self.decode}, prefill {self.prefill} (pinned, not measured)"
         parts = []
@@ -287,7 +317,7 @@ class Selection:
             batch = f"/{t['batch'] * 1e3:.1f}" if "batch" in t else ""
             parts.append(f"{name} {t['decode'] * 1e3:.1f}{batch}/{t['prefill'] * 1e3:.1f} ms")
         parts += [f"{name} skipped ({why})" for name, why in self.skipped.items()]
-        return (f"{self.precision}: decode {self.decode}, prefill {self.prefill}; measured decode/"
+        return (f"{self.precision}: decode {self.decode}{single}, prefill {self.prefill}; measured decode/"
                 f"{BATCH_ROWS}-row decode/prefill "
                 f"per sample pass: " + ", ".join(parts) + f" (in {self.seconds:.2f} s)")
 
@@ -384,8 +414,19 @@ def select(modules, plain: Callable, precision: str = "float32", *, rows: int = 
         detail += "".join(f", {n} failed ({why})" for n, why in skipped.items())
         raise KernelRefused(f"no {precision} kernel measured faster than the float32 plain kernel here "
                             f"(decode per sample pass: {detail})")
-    prefill = min({"plain", decode}, key=lambda n: (timings[n]["prefill"], n != "plain"))
-    return Selection(precision, decode, prefill, timings, skipped, time.perf_counter() - start)
+    # One request's decode rows: plain where it measured faster there than the chosen kernel
+    # (float32: plain keeps no copy, so the copy serves batches and the prefill only). A reduced
+    # precision keeps its kernel: a request asked for that format.
+    single = ""
+    if precision == "float32" and decode != "plain" and timings["plain"]["decode"] < timings[decode]["decode"]:
+        single = "plain"
+    return Selection(precision, decode, _faster_prefill(timings, decode), timings, skipped,
+                     time.perf_counter() - start, single=single)
+
+
+def _faster_prefill(timings: dict, decode: str) -> str:
+    """The prefill's kernel: the faster of plain and the decode kernel (at most one copy)."""
+    return min({"plain", decode}, key=lambda n: (timings[n]["prefill"], n != "plain"))
 
 
 _VNNI = None
