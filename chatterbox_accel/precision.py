@@ -119,7 +119,8 @@ def select_kernels(runner, cfg, report, compiled: bool) -> None:
     try:
         try:
             selection = select(modules, backbone.plain, cfg.precision, rows=runner.decode_rows, pinned=pinned,
-                               allowed=exact_allowed if cfg.precision == "float32" else None)
+                               allowed=exact_allowed if cfg.precision == "float32" else None,
+                               exact_allowed=exact_allowed)
         except KernelRefused as exc:
             report.fallbacks["t3.precision"] = f"{exc}; T3 stays float32"
             selection = select(modules, backbone.plain, "float32", rows=runner.decode_rows, allowed=exact_allowed)

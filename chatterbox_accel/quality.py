@@ -3,9 +3,10 @@
 For one model, in one process, on the same weights, voice and text, each mode of `MODES` is
 `accelerate()`d in turn and measured against the exact accelerated path (itself checked against
 the original by its output check):
-- T3 (weight formats): the output check's teacher-forced figures against float32 (KL per step,
-  argmax agreement, max relative logit error) and the share of equal tokens at temperature 1e-6
-  over `GREEDY_TOKENS` steps;
+- T3 (weight formats): the output check's teacher-forced figures against float32 (total
+  variation of the sampling distributions, which its gate judges, KL per step, argmax agreement,
+  max relative logit error), the share of equal tokens at temperature 1e-6 over `GREEDY_TOKENS`
+  steps and the step where that greedy decode first departs from exact's;
 - S3Gen (fast modes): the mel of the exact path's own speech tokens, same noise seed, against
   the exact mel (relative L2, log-mel cosine);
 - speed: whole `generate()` (median of the repeats after a warm-up): seconds, RTF, per stage.
@@ -52,6 +53,8 @@ class ModeResult:
     t3_argmax: float | None = None
     t3_rel: float | None = None
     greedy_equal: float | None = None  # share of equal tokens at temperature 1e-6 vs exact
+    greedy_diverges: int | None = None  # first step where that greedy decode differs (None: never)
+    t3_tv: float | None = None  # the check's mean total variation of the sampling distributions
     mel_rel_l2: float | None = None
     mel_cosine: float | None = None
 
@@ -138,6 +141,7 @@ def measure(model, text: str, voice=None, *, modes: dict | None = None, repeats:
             check = report.check
             if check is not None:
                 result.t3_kl, result.t3_argmax, result.t3_rel = check.kl_mean, check.argmax_agreement, check.rel_diff
+                result.t3_tv = check.tv_mean
             tokens = []
             timed(result, original=False, tokens=tokens)
             if has_fast_t3(model):
@@ -146,6 +150,8 @@ def measure(model, text: str, voice=None, *, modes: dict | None = None, repeats:
                     exact_greedy = greedy
                 n = min(len(greedy), len(exact_greedy))
                 result.greedy_equal = (greedy[:n] == exact_greedy[:n]).float().mean().item() if n else 0.0
+                differ = (greedy[:n] != exact_greedy[:n]).nonzero()
+                result.greedy_diverges = int(differ[0, 0]) if differ.numel() else None
             if exact_tokens is None:
                 exact_tokens = tokens[-1]
             mel = mel_probe(model, model.conds.gen, exact_tokens)[0]
@@ -169,15 +175,16 @@ def table(results: list[ModeResult]) -> str:
         return "-" if value is None else format(value, fmt)
 
     lines = [f"{'mode':18s} {'total s':>8s} {'RTF':>6s} {'x exact':>8s} {'T3 s':>6s} {'S3Gen s':>8s} "
-             f"{'T3 KL':>9s} {'argmax':>7s} {'greedy=':>8s} {'mel relL2':>10s} {'cos':>7s}"]
+             f"{'T3 TV':>7s} {'T3 KL':>9s} {'argmax':>7s} {'greedy=':>8s} {'diverge':>7s} {'mel relL2':>10s} {'cos':>7s}"]
     exact = next((r for r in results if r.seconds and r.name != "original"), None)
     for r in results:
         if not r.seconds:
             lines.append(f"{r.name:18s} refused: {r.fallbacks}")
             continue
         lines.append(f"{r.name:18s} {r.total_s:8.2f} {r.rtf:6.2f} {exact.total_s / r.total_s:7.2f}x "
-                     f"{r.stage('t3'):6.2f} {r.stage('s3gen'):8.2f} {f(r.t3_kl, '9.2e')} {f(r.t3_argmax, '7.0%')} "
-                     f"{f(r.greedy_equal, '8.0%')} {f(r.mel_rel_l2, '10.3f')} {f(r.mel_cosine, '7.4f')}")
+                     f"{r.stage('t3'):6.2f} {r.stage('s3gen'):8.2f} {f(r.t3_tv, '7.3f')} {f(r.t3_kl, '9.2e')} "
+                     f"{f(r.t3_argmax, '7.0%')} {f(r.greedy_equal, '8.0%')} {f(r.greedy_diverges, '7d')} "
+                     f"{f(r.mel_rel_l2, '10.3f')} {f(r.mel_cosine, '7.4f')}")
         reasons = {k: v for k, v in r.fallbacks.items() if k.startswith(("t3.precision", "s3gen.modes", "check"))}
         if reasons:
             lines.append(f"{'':18s} fallbacks: {reasons}")
@@ -191,7 +198,7 @@ def summary(results: list[ModeResult]) -> dict:
                      "speedup_vs_exact": round(exact.total_s / r.total_s, 3) if r.seconds and exact else None,
                      "t3_s": round(r.stage("t3"), 3) if r.seconds else None,
                      "s3gen_s": round(r.stage("s3gen"), 3) if r.seconds else None,
-                     "t3_kl": r.t3_kl, "t3_argmax": r.t3_argmax, "t3_rel": r.t3_rel,
-                     "greedy_equal": r.greedy_equal, "mel_rel_l2": r.mel_rel_l2, "mel_cosine": r.mel_cosine,
+                     "t3_tv": r.t3_tv, "t3_kl": r.t3_kl, "t3_argmax": r.t3_argmax, "t3_rel": r.t3_rel,
+                     "greedy_equal": r.greedy_equal, "greedy_diverges": r.greedy_diverges, "mel_rel_l2": r.mel_rel_l2, "mel_cosine": r.mel_cosine,
                      "applied": r.applied, "fallbacks": r.fallbacks}
             for r in results}

@@ -11,7 +11,12 @@ Random weights (the default: a random checkpoint in the official layout is writt
 with --checkpoint DIR (a folder in the official layout) or --hub to measure your own.
 
     python scripts/bench_quality.py [--model english|turbo|multilingual] [--seconds 3]
-        [--voice-seconds 3] [--repeats 1] [--modes "exact,t3 int8,preset fast"] [--checkpoint DIR | --hub]
+        [--voice-seconds 3] [--repeats 1] [--modes "exact,t3 int8,preset fast"]
+        [--checkpoint DIR | --hub | --realistic ENTROPY]
+
+--realistic ENTROPY (English): the random checkpoint's T3 made to behave like a trained one
+where precision can tell (chatterbox_accel/realistic.py: peaked logits of that mean entropy in
+nats, outlier channels): what the reduced-precision gate is judged on.
 """
 import argparse
 import contextlib
@@ -44,6 +49,8 @@ def main():
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="DIR", help="a local checkpoint in the official layout (real weights)")
     src.add_argument("--hub", action="store_true", help="the official weights from the Hugging Face hub")
+    src.add_argument("--realistic", type=float, metavar="ENTROPY",
+                     help="English: a random checkpoint with peaked logits (mean entropy, nats) and outlier channels")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     modes = {}
@@ -70,6 +77,16 @@ def main():
             folder = None
         elif args.checkpoint:
             folder = args.checkpoint
+        elif args.realistic is not None:
+            if args.model != "english":
+                sys.exit("--realistic is for --model english")
+            from chatterbox_accel.checkpoints import write_english_checkpoint
+            from chatterbox_accel.cli import _cache_dir
+            from chatterbox_accel.e2e import stop_after_for
+
+            stop = stop_after_for(args.seconds)
+            folder = str(write_english_checkpoint(_cache_dir() / f"english-stop{stop}-realistic{args.realistic:g}",
+                                                  stop_after=stop, realistic=args.realistic))
         else:
             folder = str(_bench_plan(None, [args.seconds], args.model, voice)[0][0])
         model = _load(args.model, folder, device)
@@ -83,6 +100,7 @@ def main():
     print(quality.table(results))
     print(json.dumps({"benchmark": "quality", "model": args.model, "seconds": args.seconds,
                       "voice_seconds": args.voice_seconds, "random_weights": not (args.hub or args.checkpoint),
+                      "realistic_entropy": args.realistic,
                       "modes": quality.summary(results), "hardware": hardware(), **versions()}))
 
 

@@ -51,6 +51,8 @@ def main():
     ap.add_argument("--precision", default="float32",
                     help="comma-separated T3 weight formats, one variant each: float32,bfloat16,int8,int4")
     ap.add_argument("--kernel", default="auto", help="CPU: pin a kernel (cpu_kernel) instead of measuring")
+    ap.add_argument("--realistic", type=float, metavar="ENTROPY", help="English/Multilingual: peaked logits "
+                    "(mean entropy, nats) and outlier channels, as a trained T3 (chatterbox_accel/realistic.py)")
     ap.add_argument("--variants", default="", help=f"comma-separated named variants instead of --precision: "
                     f"{', '.join(VARIANTS)}")
     args = ap.parse_args()
@@ -59,7 +61,8 @@ def main():
     if args.turbo:
         t3 = tiny_turbo_t3(layers=args.layers or 24).to(args.device)
     else:
-        t3 = (tiny_t3(layers=args.layers, multilingual=mtl) if args.layers else full_t3(multilingual=mtl)).to(args.device)
+        t3 = (tiny_t3(layers=args.layers, multilingual=mtl, realistic=args.realistic) if args.layers
+              else full_t3(multilingual=mtl, realistic=args.realistic)).to(args.device)
     options = {"dtype": args.dtype}
     if args.no_compile:
         options.update(compile=False, cuda_graphs=False)
@@ -75,7 +78,12 @@ def main():
         variants[name] = {**options, "precision": precision, "cpu_kernel": args.kernel}
     result = bench_t3(t3, tokens=args.tokens, repeats=args.repeats, warmup=args.warmup, variants=variants)
     print(result.table())
-    print(json_line(result.summary()))
+    summary = result.summary()
+    summary["realistic_entropy"] = args.realistic
+    summary["command"] = "python scripts/bench_t3.py " + " ".join(
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+        if v != ap.get_default(k))
+    print(json_line(summary))
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ class CachedRunner:
         from .kernels import KernelTable
 
         self.backbone.kernels = None
+        self.prefixes.clear()  # voice prefixes computed through the old kernels are not this table's
         table = KernelTable(self.product_modules(), decode, prefill, rows=self.decode_rows, single=single)
         self.backbone.kernels = table
         return table

@@ -14,8 +14,9 @@ weights at the decode row count and at a prefill size (`select`), and the fastes
 `plain` (`F.linear`, the original's own kernel) is always a candidate, so the exact path never
 installs a kernel slower than the original's over the measured cost (`decode_cost`: a single
 request's pass plus a 16-row batch's pass; at the single request's rows alone a kernel chosen
-for batches may be a little slower); a reduced-precision format whose best kernel measures
-slower than `plain` at the decode rows is refused.
+for batches may be a little slower); a reduced-precision format is refused unless its best
+kernel measures faster than the exact path's best float32 kernel over that same cost (on an AVX2
+EPYC, bf16 beat `plain` but not oneDNN's packed float32, so it would have made T3 slower).
 
 Weight formats (`precision`; every copy is private, the model's tensors are never touched):
 - float32 (exact): `plain`; `gemv` (`W @ x^T`, decode sizes); `onednn` (weights prepacked into
@@ -288,11 +289,12 @@ class Selection:
         return self.single or self.decode
 
     def alternatives(self) -> list[str]:
-        """The other timed kernels of this precision that measured faster than plain float32 at
-        the decode rows, best first: what the output check falls back to, one at a time."""
-        plain = self.timings.get("plain", {}).get("decode", float("inf"))
-        names = [n for n, t in self.timings.items() if n not in (self.decode, "plain")
-                 and KERNELS[n].precision == self.precision and t["decode"] < plain]
+        """The other timed kernels of this (reduced) precision that measured faster than the exact
+        path's best float32 kernel (`decode_cost`), best first: what the output check falls back
+        to, one at a time."""
+        exact = exact_cost(self.timings)
+        names = [n for n, t in self.timings.items() if n != self.decode and KERNELS[n].precision == self.precision
+                 and decode_cost(n, t, self.precision) < exact]
         return sorted(names, key=lambda n: decode_cost(n, self.timings[n], self.precision))
 
     def with_decode(self, name: str) -> "Selection":
@@ -377,8 +379,14 @@ def decode_cost(name: str, timing: dict, precision: str) -> float:
     return t * (COPY_MARGIN if precision == "float32" and copies else 1.0)
 
 
+def exact_cost(timings: dict) -> float:
+    """The least decode cost among the float32 kernels timed (what the exact path would run)."""
+    return min(decode_cost(n, t, "float32") for n, t in timings.items() if KERNELS[n].precision == "float32")
+
+
 def select(modules, plain: Callable, precision: str = "float32", *, rows: int = 2,
-           allowed: tuple | None = None, pinned: str | None = None, timer: Callable | None = None) -> Selection:
+           allowed: tuple | None = None, pinned: str | None = None, timer: Callable | None = None,
+           exact_allowed: tuple | None = None) -> Selection:
     """Time the candidates of `precision` (and `plain`) on a sample of `modules`; pick per phase.
 
     allowed: kernel names that may be chosen (None: all of that precision). pinned: use this
@@ -398,6 +406,8 @@ def select(modules, plain: Callable, precision: str = "float32", *, rows: int = 
     sample = sample_modules(modules)
     timer = timer or (lambda name: time_kernel(name, sample, plain, rows))
     names = ["plain"] + [n for n in candidates(precision) if n != "plain" and (allowed is None or n in allowed)]
+    if precision != "float32":  # a reduced format must beat the exact path's own best kernel
+        names += [n for n in candidates("float32") if n != "plain" and (exact_allowed is None or n in exact_allowed)]
     timings, skipped = {}, {}
     for name in names:
         try:
@@ -408,12 +418,12 @@ def select(modules, plain: Callable, precision: str = "float32", *, rows: int = 
             skipped[name] = f"{type(exc).__name__}: {exc}"
     fmt = [n for n in timings if KERNELS[n].precision == precision]
     decode = min(fmt, key=lambda name: decode_cost(name, timings[name], precision)) if fmt else None
-    plain_decode = timings["plain"]["decode"]
-    if precision != "float32" and (decode is None or timings[decode]["decode"] >= plain_decode):
-        detail = ", ".join(f"{n} {t['decode'] * 1e3:.1f} ms" for n, t in timings.items())
+    if precision != "float32" and (decode is None or not decode_cost(decode, timings[decode], precision)
+                                   < exact_cost(timings)):
+        detail = ", ".join(f"{n} {t['decode'] * 1e3:.1f}/{t.get('batch', 0) * 1e3:.1f} ms" for n, t in timings.items())
         detail += "".join(f", {n} failed ({why})" for n, why in skipped.items())
-        raise KernelRefused(f"no {precision} kernel measured faster than the float32 plain kernel here "
-                            f"(decode per sample pass: {detail})")
+        raise KernelRefused(f"no {precision} kernel measured faster than the exact path's best float32 kernel "
+                            f"here (decode/{BATCH_ROWS}-row decode per sample pass: {detail})")
     # One request's decode rows: plain where it measured faster there than the chosen kernel
     # (float32: plain keeps no copy, so the copy serves batches and the prefill only). A reduced
     # precision keeps its kernel: a request asked for that format.
