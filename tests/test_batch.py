@@ -132,7 +132,7 @@ def test_conds_are_left_as_found(tiny_model, voice_file):
     (["Hi."], {"seed": 1.5}, "seed"),
 ])
 def test_bad_input_is_refused_before_any_work(tiny_model, monkeypatch, texts, kwargs, match):
-    import chatterbox_accel.engine as engine
+    import chatterbox_accel.engine.batch as engine
 
     monkeypatch.setattr(engine, "_run", lambda *a, **k: pytest.fail("work started"))
     monkeypatch.setattr(engine, "_generate_alone", lambda *a, **k: pytest.fail("work started"))
@@ -148,7 +148,7 @@ def test_reserve_batch_allocates_the_cache_generate_batch_uses(tiny_model):
     """A service reserves its batch's KV cache at start: allocated and touched for max_batch
     slots, then used by generate_batch as is (not reallocated mid-request)."""
     from chatterbox_accel import reserve_batch
-    from chatterbox_accel.engine import _runner
+    from chatterbox_accel.engine.batch import _runner
 
     nbytes = reserve_batch(tiny_model, 3, max_new_tokens=64, prompt_len=128)
     cache = _runner(tiny_model).cache

@@ -32,14 +32,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .families import FAMILIES, REQUIRED, family_of, generate_options
-from .patching import shadowed
-from .s3gen_batch import flow_mels, on_device, row_noise, vocode
-from .s3gen_kernels import batch_products, prepare_batch
-from .s3gen_fast import modes_of
-from .stream import SPEECH_VOCAB, _check_language, text_tokens_for, with_exaggeration
-from .t3.patch import check_lengths
-from .t3.sampling import validate
+from ..families import FAMILIES, REQUIRED, family_of, generate_options
+from ..patching import shadowed
+from ..s3gen_batch import flow_mels, on_device, row_noise, vocode
+from ..s3gen_kernels import batch_products, prepare_batch
+from ..s3gen_fast import modes_of
+from ..stream import SPEECH_VOCAB, _check_language, text_tokens_for, with_exaggeration
+from ..t3.patch import check_lengths
+from ..t3.sampling import validate
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def _rows(model, texts, audio_prompt_path, seed, options) -> list[_Row]:
 
 
 def _check_rows(model, rows):
-    from .voice import check_reference_audio
+    from ..voice import check_reference_audio
 
     hp = model.t3.hp
     for row in rows:
@@ -319,8 +319,8 @@ def _voices(model, family, rows):
 
 def _runner(model):
     """The accelerated model's T3 runner, or a private one (the model is not patched)."""
-    from .patching import state_of
-    from .t3.model import sdpa_attention
+    from ..patching import state_of
+    from ..t3.model import sdpa_attention
 
     fast = state_of(model, "t3_inference")
     if fast is not None and fast.disabled is None:
@@ -328,9 +328,9 @@ def _runner(model):
     runner = _private_runners.get(model.t3)
     if runner is None:
         if getattr(model.t3, "is_gpt", False):
-            from .t3.turbo import TurboRunner as Runner
+            from ..t3.turbo import TurboRunner as Runner
         else:
-            from .t3.decode import T3Runner as Runner
+            from ..t3.decode import T3Runner as Runner
         runner = _private_runners[model.t3] = Runner(model.t3, attention=sdpa_attention)
     return runner
 
@@ -377,7 +377,7 @@ def _turbo_tokens(model, rows, max_batch, metrics, bar):
     from chatterbox.models.s3gen.const import S3GEN_SIL
     from chatterbox.tts_turbo import punc_norm
 
-    from .t3.turbo import TurboParams
+    from ..t3.turbo import TurboParams
 
     runner = _runner(model)
     requests = []
