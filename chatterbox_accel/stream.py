@@ -93,9 +93,10 @@ class S3GenStreamer:
 
     def __init__(self, s3gen, ref: dict, max_tokens: int, *, context_tokens: int | None = 100,
                  watermarker=None, sample_rate: int = 24000, noise: torch.Tensor | None = None,
-                 modes=None):
+                 modes=None, generator: torch.Generator | None = None):
         """modes: the S3Gen fast modes in force (s3gen_fast.S3GenModes; CFG-off and bf16 act
-        through the patched solver and estimator, the step count and prompt cap here)."""
+        through the patched solver and estimator, the step count and prompt cap here).
+        generator: the stream's own (a seeded request: noise and vocoder draws from it)."""
         from .s3gen_fast import S3GenModes
 
         modes = modes or S3GenModes()
@@ -114,8 +115,11 @@ class S3GenStreamer:
         # A private generator, seeded from the global RNG's state without drawing from it: the
         # same torch.manual_seed gives the same stream, and T3's sampling (global RNG) sees the
         # same random numbers as in generate(), so both decode the same tokens.
-        seed = zlib.crc32(torch.random.get_rng_state().numpy().tobytes())
-        self.rng = torch.Generator(device=device).manual_seed(seed)
+        if generator is not None:
+            self.rng = generator
+        else:
+            seed = zlib.crc32(torch.random.get_rng_state().numpy().tobytes())
+            self.rng = torch.Generator(device=device).manual_seed(seed)
         self.noise = noise if noise is not None else torch.randn(
             1, 80, frames, device=device, dtype=dtype, generator=self.rng)
         self.context_tokens = context_tokens

@@ -1,6 +1,10 @@
-"""The engine: `generate_batch()` (batch.py), which decodes on the runner's T3 decoder."""
+"""The engine: one owner of a model serving many concurrent streaming requests (`Engine`,
+core.py), and `generate_batch()` (batch.py), which decodes on the same T3 decoder."""
 from .batch import (BATCH_FAMILIES, CPU_FLOW_GROUP, DEFAULT_MAX_BATCH, DEFAULT_MAX_NEW_TOKENS, BatchMetrics,
                     BatchResults, Result, RowMetrics, generate_batch, reserve_batch)
+from .core import Engine
+from .requests import AudioChunk, Done, EngineBusy, EngineClosed, Failed, Handle, SpeechRequest, Usage
 
-__all__ = ["generate_batch", "reserve_batch", "BatchResults", "BatchMetrics", "Result", "RowMetrics",
-           "BATCH_FAMILIES", "CPU_FLOW_GROUP", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_NEW_TOKENS"]
+__all__ = ["Engine", "SpeechRequest", "Handle", "AudioChunk", "Done", "Failed", "Usage", "EngineBusy",
+           "EngineClosed", "generate_batch", "reserve_batch", "BatchResults", "BatchMetrics", "Result",
+           "RowMetrics", "BATCH_FAMILIES", "CPU_FLOW_GROUP", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_NEW_TOKENS"]

@@ -186,6 +186,7 @@ class SlotDecoder:
         self.queue: deque[T3Request] = deque()
         self.cache = None
         self.pending: list[torch.Tensor] = []  # sampled ids (S,) of steps the host has not read yet
+        self.failed: list[tuple[T3Request, Exception]] = []  # requests whose admission failed (take_failed)
         self.steps = 0  # decode steps run (for metrics)
 
     # ---- requests -------------------------------------------------------------------------------
@@ -244,7 +245,9 @@ class SlotDecoder:
 
     def _admit(self, events) -> None:
         """Queued requests into free slots, prefilled together (`runner.prefill_slots`); a request
-        that ends at its first token frees its slot for the next step."""
+        that ends at its first token frees its slot for the next step. A request whose prefill or
+        first sample fails leaves its slot free again and goes to `failed`; the others go on (a
+        joint prefill that fails is retried one request at a time, so only the culprit fails)."""
         admitted = []
         for s in range(self.slots):
             if self.rows[s] is not None or not self.queue:
@@ -259,19 +262,51 @@ class SlotDecoder:
         if not admitted:
             return
         runner = self.runner
-        if self.multilingual:  # its analyzer reads the attention maps each prefill leaves: one by one
-            prefilled = ((s, r, runner.prefill_slot(r, self.cache, s)) for s, r in admitted)
-        else:
-            logits = runner.prefill_slots(admitted, self.cache)
-            prefilled = ((s, r, lg) for (s, r), lg in zip(admitted, logits))
-        for s, request, logits in prefilled:
-            row = self.rows[s]
+        if len(admitted) > 1 and not self.multilingual:  # its analyzer reads each prefill's maps: one by one
+            try:
+                logits = runner.prefill_slots(admitted, self.cache)
+            except Exception:  # one of them fails it: each alone below, so only that one fails
+                logits = None
+            if logits is not None:
+                for (s, request), lg in zip(admitted, logits):
+                    self._begin(s, request, lg, events)
+                return
+        for s, request in admitted:
+            try:
+                lg = runner.prefill_slots([(s, request)], self.cache)[0]
+            except Exception as exc:
+                self._fail(s, request, exc)
+                continue
+            self._begin(s, request, lg, events)
+
+    def _begin(self, s: int, request: T3Request, logits: torch.Tensor, events) -> None:
+        """Slot `s` starts `request` from its prefill logits (its first token sampled)."""
+        row = self.rows[s]
+        try:
             first = self._start(s, request, logits)
-            if first < 0:  # every score -inf: nothing to sample
-                row.stopped = True
-            else:
-                row.tokens.append(first)
-            self._record(events, s, row.tokens[-1:])
+        except Exception as exc:
+            self._fail(s, request, exc)
+            return
+        if first < 0:  # every score -inf: nothing to sample
+            row.stopped = True
+        else:
+            row.tokens.append(first)
+        self._record(events, s, row.tokens[-1:])
+
+    def _fail(self, s: int, request: T3Request, exc: Exception) -> None:
+        """Roll slot `s` back (free, its state cleared) and record why `request` failed."""
+        self._free(s)
+        self.failed.append((request, exc))
+
+    def take_failed(self) -> list[tuple[T3Request, Exception]]:
+        """Requests that failed to start since the last call (their slots are free again)."""
+        failed, self.failed = self.failed, []
+        return failed
+
+    def holds(self, request: T3Request) -> bool:
+        """Whether `request` is still queued or decoding here (a reset drops it)."""
+        return any(r is request for r in self.queue) or any(
+            row is not None and row.request is request for row in self.rows)
 
     def _start(self, s: int, request: T3Request, logits: torch.Tensor) -> int:
         """Slot `s`'s state for `request`, prefilled (`logits`: its rows' last-position
@@ -402,7 +437,10 @@ class SlotDecoder:
             self.submit(request)
             got[id(request)] = []
         while self.busy:
-            for request, new, done in self.step():
+            events = self.step()
+            for request, exc in self.take_failed():
+                raise exc
+            for request, new, done in events:
                 got[id(request)] += new
                 if done:
                     if progress is not None:
@@ -418,10 +456,17 @@ class SlotDecoder:
         target = first_block or request.max_new_tokens
         try:
             while True:
-                for r, new, finished in self.step():
+                events = self.step()
+                for r, exc in self.take_failed():
+                    if r is request:
+                        raise exc
+                for r, new, finished in events:
                     if r is request:
                         got += new
                         done = done or finished
+                if not done and not self.holds(request):  # dropped (a reset): never spin on it
+                    raise RuntimeError("this decode's request was dropped from the T3 decoder (another "
+                                       "decode reset it); start it again")
                 if done or len(got) - emitted >= target:
                     yield torch.tensor(got[emitted:], dtype=torch.long), done
                     if done:

@@ -1,0 +1,370 @@
+"""`Engine`: one owner of a model, many concurrent streaming requests.
+
+    engine = Engine(model, max_batch=8, max_queue=32)     # starts its thread
+    engine.voices.add("me", "me.wav")
+    handle = engine.submit(SpeechRequest("Hello there.", voice="me", seed=7))   # any thread
+    audio, usage = handle.result()                       # or iterate its events, sync or async
+    engine.close()
+
+One thread (the engine's loop) alone touches the model: it admits submitted requests into the
+runner's T3 decoder of `max_batch` slots (its KV cache reserved at start for the longest request
+it admits), steps every decoding request together, and turns each request's new speech tokens
+into audio chunks as its stream schedule fills (`S3GenStreamer`: a small first chunk, then
+`chunk_size` tokens each). Callers only submit, read events and cancel.
+
+- Admission: `submit` refuses past `max_batch + max_queue` requests in flight with `EngineBusy`
+  (a server's 429), and a request whose prompt plus `max_new_tokens` cannot fit the reserved
+  cache with a ValueError naming the limit, so the cache never grows while serving.
+- Requests with different voices, options and seeds share each step; a seeded request draws its
+  T3 sampling from its own generator and its S3Gen noise and vocoder draws from another, so its
+  speech tokens are the ones it gets alone.
+- Failures stay where they happen: a request whose voice, text or prefill fails gets `Failed`
+  and its slot is rolled back; an exception in the shared step fails the rows of that step and
+  the decoder is reset, and the engine keeps serving; an S3Gen failure fails its request only.
+  `failures` counts them.
+- Cancellation (`handle.cancel()`, a reader that stops, a handle dropped unread) frees the slot
+  at the next step boundary.
+- The model is the engine's: a `generate()` or stream on the same model while the engine runs
+  takes the T3 decoder over; the engine notices at its next step, fails the requests it was
+  decoding with a clear error and takes the decoder back.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .requests import AudioChunk, Done, EngineBusy, EngineClosed, Failed, Handle, SpeechRequest, Usage
+from .voices import VoiceRegistry
+
+logger = logging.getLogger(__name__)
+
+S3_SEED_OFFSET = 0x5EED  # a seeded request's S3Gen generator: seed + this (T3's: the seed itself)
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One request in the engine: its handle (weak), T3 request, S3Gen streamer, schedule."""
+
+    handle_ref: weakref.ref
+    request: SpeechRequest
+    submitted: float
+    t3: object = None                 # its T3Request once admitted
+    streamer: object = None
+    family: str = ""
+    text_tokens: int = 0
+    pending: list = field(default_factory=list)  # speech ids not yet pushed to S3Gen
+    speech: list = field(default_factory=list)   # every id pushed (Done reports them)
+    tokens: int = 0
+    chunks: int = 0
+    samples: int = 0
+    first_chunk: float | None = None
+    s3_generator: torch.Generator | None = None
+    conds: object = None              # its voice's Conditionals (from the registry)
+
+    def put(self, event) -> bool:
+        """Deliver an event; False when the caller dropped its handle."""
+        handle = self.handle_ref()
+        if handle is None:
+            return False
+        handle.put(event)
+        return True
+
+
+class Engine:
+    def __init__(self, model, *, max_batch: int = 8, max_queue: int = 32, max_new_tokens: int = 1000,
+                 max_prompt: int = 512, start: bool = True):
+        """max_batch: requests decoded at once (T3 slots). max_queue: requests waiting beyond
+        them before submit raises EngineBusy. max_new_tokens / max_prompt: the longest request
+        admitted (its KV cache is reserved for them at start)."""
+        from ..families import family_of
+        from .batch import BATCH_FAMILIES, _runner
+
+        family = family_of(model)
+        if family not in BATCH_FAMILIES:
+            raise ValueError(f"Engine serves {', '.join(BATCH_FAMILIES)} models, not {type(model).__name__}")
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_new_tokens", max_new_tokens),
+                            ("max_prompt", max_prompt)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_queue" else 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.model, self.family = model, family
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_new_tokens, self.max_prompt = max_new_tokens, max_prompt
+        self.voices = VoiceRegistry(model)
+        self.runner = _runner(model)
+        self.failures = {"admission": 0, "step": 0, "s3gen": 0, "taken_over": 0}
+        self.steps = 0
+        self._inbox: deque = deque()       # ("submit", stream) | ("cancel", handle)
+        self._waiting: deque[_Stream] = deque()
+        self._running: dict[int, _Stream] = {}  # id(T3Request) -> stream
+        self._in_flight = 0
+        self._lock = threading.Condition()
+        self._closed = False
+        self._owner = None
+        self._decoder = None
+        self._thread = None
+        self.error: BaseException | None = None  # what stopped the loop, if anything did
+        if start:
+            self.start()
+
+    # ---- callers ------------------------------------------------------------------------------
+    def submit(self, request: SpeechRequest) -> Handle:
+        """Queue a request; returns its handle at once (events follow). Thread-safe."""
+        if not isinstance(request, SpeechRequest):
+            raise TypeError(f"submit() takes a SpeechRequest, got {type(request).__name__}")
+        if request.max_new_tokens is not None and request.max_new_tokens > self.max_new_tokens:
+            raise ValueError(f"max_new_tokens={request.max_new_tokens} is over this engine's limit "
+                             f"({self.max_new_tokens}); pass at most that")
+        if request.voice not in self.voices:
+            raise KeyError(f"unknown voice {request.voice!r}; registered: {', '.join(self.voices.names())}")
+        handle = Handle(self, request)
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            if self._in_flight >= self.max_batch + self.max_queue:
+                raise EngineBusy(f"the engine is full ({self._in_flight} requests in flight, "
+                                 f"{self.max_batch} decoding and {self.max_queue} queued at most); retry later")
+            self._in_flight += 1
+            self._inbox.append(("submit", _Stream(weakref.ref(handle), request, time.perf_counter())))
+            self._lock.notify()
+        return handle
+
+    def cancel(self, handle: Handle) -> None:
+        with self._lock:
+            self._inbox.append(("cancel", handle))
+            self._lock.notify()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not finished (queued or decoding)."""
+        return self._in_flight
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._closed
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="chatterbox-accel-engine", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop the loop: requests still in flight end with Failed(EngineClosed)."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- the loop (engine thread) ---------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            self._claim()
+            while True:
+                with self._lock:
+                    while not self._closed and not self._inbox and not self._waiting and not self._running:
+                        self._lock.wait()
+                    if self._closed:
+                        break
+                    inbox, self._inbox = list(self._inbox), deque()
+                self._handle_inbox(inbox)
+                self._admit()
+                if self._running:
+                    self._step()
+        except BaseException as exc:  # a bug in the loop itself: fail everyone, say so
+            self.error = exc
+            logger.exception("chatterbox_accel: the engine's loop stopped")
+        finally:
+            self._fail_all(EngineClosed("the engine was closed" if self.error is None else
+                                        f"the engine stopped: {type(self.error).__name__}: {self.error}"))
+
+    def _claim(self) -> None:
+        """Own the runner's decoder of max_batch slots, its cache reserved for the longest request."""
+        self._owner = self.runner.claim()
+        with torch.inference_mode():
+            self._decoder = self.runner.warm(self.runner.slots_for(self.max_batch, self.max_batch),
+                                             self.max_prompt + self.max_new_tokens)
+            self._decoder.cache = self.runner.slot_cache(self._decoder.slots, self.max_prompt + self.max_new_tokens)
+
+    def _handle_inbox(self, inbox) -> None:
+        for kind, item in inbox:
+            if kind == "submit":
+                self._waiting.append(item)
+            else:
+                self._drop(item)
+
+    def _drop(self, handle: Handle) -> None:
+        """A cancelled handle: out of the queue, or out of its slot (free from the next step)."""
+        for stream in list(self._waiting):
+            if stream.handle_ref() is handle:
+                self._waiting.remove(stream)
+                self._finish(stream, Failed(EngineClosed("cancelled")))
+        for key, stream in list(self._running.items()):
+            if stream.handle_ref() is handle:
+                self._decoder.cancel(stream.t3)
+                del self._running[key]
+                self._finish(stream, Failed(EngineClosed("cancelled")))
+
+    def _admit(self) -> None:
+        """Waiting requests into the decoder's queue while slots are free (the decoder prefills
+        them at its next step). Front-end failures fail that request only."""
+        free = self._decoder.slots - len(self._running)
+        while free > 0 and self._waiting:
+            stream = self._waiting.popleft()
+            if stream.handle_ref() is None:  # dropped unread
+                self._finish(stream, None)
+                continue
+            try:
+                with torch.inference_mode():
+                    self._prepare(stream)
+                self._decoder.submit(stream.t3)
+            except Exception as exc:
+                self.failures["admission"] += 1
+                self._finish(stream, Failed(exc))
+                continue
+            self._running[id(stream.t3)] = stream
+            free -= 1
+
+    def _prepare(self, stream: _Stream) -> None:
+        """The front end: voice conditionals (from the registry), text tokens, the T3 request."""
+        from .frontend import t3_request
+
+        request, model = stream.request, self.model
+        stream.family = self.family
+        generator = None
+        if request.seed is not None:
+            generator = torch.Generator(device=model.t3.device).manual_seed(request.seed)
+            stream.s3_generator = torch.Generator(device=model.s3gen.device).manual_seed(
+                request.seed + S3_SEED_OFFSET)
+        stream.t3, stream.text_tokens, conds = t3_request(
+            model, self.runner, self.voices, request, generator, self.max_new_tokens, key=stream)
+        if stream.t3.max_len > self._decoder.cache.max_len:
+            raise ValueError(f"the text is too long for this engine: its prompt ({stream.t3.prompt_len} positions) "
+                             f"plus max_new_tokens exceeds the {self._decoder.cache.max_len} it reserved; shorten "
+                             f"the text or start the engine with a larger max_prompt")
+        stream.conds = conds
+
+    def _step(self) -> None:
+        if not self.runner.owns(self._owner):  # a generate() on this model took the decoder
+            self.failures["taken_over"] += len(self._running)
+            for stream in list(self._running.values()):
+                self._finish(stream, Failed(RuntimeError(
+                    "another generation on this model took its T3 decoder while the engine served it; "
+                    "submit to the engine instead of calling generate() on its model")))
+            self._running.clear()
+            self._claim()
+            return
+        try:
+            events = self._decoder.step()
+        except Exception as exc:  # the shared step: every row in it fails, the engine goes on
+            self.failures["step"] += len(self._running)
+            logger.warning("chatterbox_accel: engine step failed (%s: %s); failing its %d request(s)",
+                           type(exc).__name__, exc, len(self._running))
+            self._decoder.reset()
+            for stream in list(self._running.values()):
+                self._finish(stream, Failed(exc))
+            self._running.clear()
+            return
+        self.steps += 1
+        for t3, exc in self._decoder.take_failed():
+            stream = self._running.pop(id(t3), None)
+            if stream is not None:
+                self.failures["admission"] += 1
+                self._finish(stream, Failed(exc))
+        for t3, ids, finished in events:
+            stream = self._running.get(id(t3))
+            if stream is None:
+                continue
+            if not self._feed(stream, ids, finished):
+                self._decoder.cancel(t3)
+                finished = True
+            if finished:
+                self._running.pop(id(t3), None)
+        for key, stream in list(self._running.items()):  # never wait on a row the decoder lost
+            if not self._decoder.holds(stream.t3):
+                del self._running[key]
+                self._finish(stream, Failed(RuntimeError("the T3 decoder dropped this request")))
+
+    def _feed(self, stream: _Stream, ids: list, finished: bool) -> bool:
+        """New speech ids of one stream; audio out when its schedule fills. False: the stream
+        ended (failed, or its handle was dropped)."""
+        from .frontend import clean_tokens
+
+        if stream.handle_ref() is None:
+            self._finish(stream, None)
+            return False
+        stream.pending += clean_tokens(self.runner, ids)
+        stream.tokens += len(ids)
+        target = stream.request.first_chunk_size if stream.chunks == 0 else stream.request.chunk_size
+        if not finished and len(stream.pending) < target:
+            return True
+        try:
+            with torch.inference_mode():
+                audio = self._synthesize(stream, finished)
+        except Exception as exc:
+            self.failures["s3gen"] += 1
+            self._finish(stream, Failed(exc))
+            return False
+        now = time.perf_counter() - stream.submitted
+        if audio.numel() or finished:
+            stream.first_chunk = stream.first_chunk if stream.first_chunk is not None else now
+            stream.samples += audio.numel()
+            stream.put(AudioChunk(audio.cpu(), stream.chunks, stream.samples, self.model.sr, now, finished))
+            stream.chunks += 1
+        if finished:
+            audio_s = stream.samples / self.model.sr
+            self._finish(stream, Done(Usage(stream.text_tokens, stream.tokens, audio_s,
+                                            stream.first_chunk or now, now), list(stream.speech)))
+        return not finished
+
+    def _synthesize(self, stream: _Stream, final: bool) -> torch.Tensor:
+        from ..s3gen_fast import modes_of
+        from ..stream import S3GenStreamer
+        from .frontend import tail_tokens
+
+        if stream.streamer is None:
+            max_tokens = stream.t3.max_new_tokens + len(tail_tokens(self.family))
+            stream.streamer = S3GenStreamer(
+                self.model.s3gen, stream.conds.gen, max_tokens, context_tokens=stream.request.context_tokens,
+                watermarker=self.model.watermarker if stream.request.watermark else None,
+                sample_rate=self.model.sr, modes=modes_of(self.model), generator=stream.s3_generator)
+        ids = stream.pending + (tail_tokens(self.family) if final else [])
+        stream.pending = []
+        stream.speech += ids
+        return stream.streamer.push(torch.tensor(ids, dtype=torch.long), final)
+
+    def _finish(self, stream: _Stream, event) -> None:
+        """The stream's last event. The engine's books are settled first, so a caller woken by
+        the event sees the slot free and the request counted out."""
+        if stream.t3 is not None and self._running.get(id(stream.t3)) is stream:
+            del self._running[id(stream.t3)]
+        stream.streamer = None
+        with self._lock:
+            self._in_flight -= 1
+        if event is not None:
+            stream.put(event)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            inbox, self._inbox = list(self._inbox), deque()
+        streams = [item for kind, item in inbox if kind == "submit"] + list(self._waiting) + list(self._running.values())
+        self._waiting.clear()
+        self._running.clear()
+        if self._decoder is not None:
+            self._decoder.reset()
+        for stream in streams:
+            self._finish(stream, Failed(error))
