@@ -42,10 +42,9 @@ class PrecisionLimits:
 
 # Why these values (the same on every device; not measured on a checkpoint and padded):
 # - tv_mean 0.1: on average at most one draw in ten may differ from float32's under a shared
-#   random number. Sampling itself is far noisier: two float32 draws at a typical trained
-#   model's entropy (~2 nats) differ ~70 % of the time (1 - sum p^2), so this is a small
-#   fraction of the variation every generation already has, and one whole second of speech
-#   (25 tokens) keeps ~90 % of its draws.
+#   random number. Sampling itself is far noisier: two float32 draws of the realistic
+#   checkpoint (2 nats) differ 43-56 % of the time (1 - sum p^2, reported as `collision`), so
+#   this is a small fraction of the variation every generation already has.
 # - tv_max 0.35: no single step may move more than about a third of its probability mass: a step
 #   whose favourite changes outright (TV ~0.5 or more) is a changed sound, not rounding.
 # - argmax 0.9: where float32 has a clear favourite (a decisive step), the mode keeps it in nine
