@@ -24,9 +24,10 @@ def model(ckpt_dir):
 
 
 def request(text=TEXTS[0], seed=1, **kw):
-    kw.setdefault("first_chunk_size", 4)
+    kw.setdefault("first_chunk_size", 12)  # one S3Gen pass per request: the tests' time is S3Gen's
     kw.setdefault("chunk_size", 12)
     kw.setdefault("max_new_tokens", 12)
+    kw.setdefault("watermark", False)  # Perth costs ~1 s per chunk on a CPU; the stream's tests cover it
     return SpeechRequest(text, seed=seed, **kw)
 
 
@@ -45,8 +46,9 @@ def alone(model, req):
 
 def test_events_come_in_order_and_end_with_usage(model):
     with Engine(model, max_batch=2, max_new_tokens=64, max_prompt=128) as engine:
-        events, done = run(engine, request())
+        events, done = run(engine, request(first_chunk_size=4, chunk_size=4, watermark=True))
     chunks = [e for e in events if isinstance(e, AudioChunk)]
+    assert len(chunks) >= 2
     assert isinstance(done, Done) and chunks and events[:-1] == chunks
     assert [c.index for c in chunks] == list(range(len(chunks))) and chunks[-1].final
     assert sum(c.audio.numel() for c in chunks) == chunks[-1].samples_so_far > 0
@@ -144,9 +146,6 @@ def test_two_threads_on_one_model_each_get_their_alone_tokens(model):
     for (audio, usage), done in zip(got, want):
         assert usage.speech_tokens == done.usage.speech_tokens
         assert audio.numel() == round(done.usage.audio_seconds * model.sr)
-    with Engine(model, max_batch=2, max_new_tokens=64, max_prompt=128) as engine:
-        handles = [engine.submit(r) for r in reqs]
-        assert [list(h)[-1].speech_tokens for h in handles] == [d.speech_tokens for d in want]
 
 
 def test_voices_come_from_the_registry_and_model_conds_never_change(model, tmp_path):

@@ -99,6 +99,23 @@ def test_a_reduced_precision_must_beat_the_exact_paths_best_kernel_not_just_plai
     assert sel.decode == "bf16" and set(sel.timings) >= {"plain", "onednn", "bf16"}
 
 
+def test_a_single_request_runs_plain_where_plain_is_faster_at_its_rows():
+    """Measured on an Intel Xeon (ms per sample pass, 2 rows / 16 rows): onednn 16.9 / 23.3 won
+    the decode cost over plain 14.2 / 39.6, so a lone request ran 19 % slower in its products.
+    Now its own rows run plain, batches the copy (one copy either way)."""
+    sel = kernels.select([torch.nn.Linear(8, 8)], plain, "float32",
+                         timer=timings(plain=(14.2, 30, 39.6), onednn=(16.9, 30, 23.3)))
+    assert (sel.decode, sel.single) == ("onednn", "plain") and "one request's decode plain" in sel.describe()
+    modules = [torch.nn.Linear(64, 32) for _ in range(2)]
+    table = kernels.KernelTable(modules, sel.decode, sel.prefill, rows=2, single=sel.single)
+    with torch.inference_mode():
+        assert table(modules[0], torch.randn(2, 64)) is None  # plain answers a single request
+        assert table(modules[0], torch.randn(16, 64)) is not None  # the copy answers a batch
+    s3gen_like = kernels.KernelTable(modules, "plain", "onednn", rows=600)  # no single: rows is a size hint
+    with torch.inference_mode():
+        assert s3gen_like(modules[0], torch.randn(600, 64)) is not None
+
+
 def test_a_pinned_kernel_is_not_measured():
     def timer(*args):
         raise AssertionError("measured")
@@ -351,3 +368,10 @@ def test_full_size_reduced_precision_passes_the_gate(full_size_t3, precision, ke
         assert check.rel_diff > 1e-4  # the copies really are reduced: not the float32 weights
     finally:
         restore(model)
+
+
+@pytest.fixture(scope="module")
+def full_size_t3():
+    from chatterbox_accel.checkpoints import full_t3
+
+    return full_t3(seed=0)

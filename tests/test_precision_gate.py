@@ -47,7 +47,7 @@ def runs_reduced(monkeypatch, t3, kernel: str) -> None:
         raise AssertionError("a T3 product ran on the plain kernel")
 
     table = runner_of_t3(t3).backbone.kernels
-    assert table.decode.name == kernel and table.single.name == kernel
+    assert table.decode.name == kernel and table.single in (None, table.decode)
     with monkeypatch.context() as m:
         m.setattr(fast_model, "linear", unplain)
         fast_tokens(t3)

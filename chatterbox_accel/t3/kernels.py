@@ -199,10 +199,11 @@ class KernelTable:
         of products of at most `rows` rows (one request's decode; default: `decode`); prefill:
         of larger ones. At most one kernel among them keeps copies; the others are `plain`."""
         self.decode, self.prefill, self.rows = KERNELS[decode], KERNELS[prefill], rows
-        self.single = KERNELS[single or decode]
+        self.single = KERNELS[single] if single else None  # None: `decode` answers those rows too
         self.disabled: str | None = None
         self.entries = {}
-        keeping = {k.name: k for k in (self.single, self.decode, self.prefill) if k.prepare is not None}
+        kernels = [k for k in (self.single, self.decode, self.prefill) if k is not None]
+        keeping = {k.name: k for k in kernels if k.prepare is not None}
         if len(keeping) > 1:
             raise ValueError(f"one kernel with copies per table, got {sorted(keeping)}")
         self.kernel = next(iter(keeping.values()), None)  # the one that keeps copies
@@ -229,7 +230,10 @@ class KernelTable:
 
     def __call__(self, module, x: torch.Tensor):
         rows = _rows(x)
-        kernel = self.single if rows <= self.rows else self.decode if rows <= DECODE_ROWS else self.prefill
+        if self.single is not None and rows <= self.rows:  # one request's decode (T3: rows = its rows)
+            kernel = self.single
+        else:
+            kernel = self.decode if rows <= DECODE_ROWS else self.prefill
         if self.disabled is not None or kernel.run is None or kernel is not self.kernel:
             return None
         if kernel.max_rows is not None and _rows(x) > kernel.max_rows:
