@@ -348,8 +348,9 @@ def test_cpu_kernel_must_match_the_precision():
         accelerate(holder(None), precision="int3")
 
 
-# Every reduced kernel on the full-size (flat) checkpoint passes the gate, whose limits are the
-# same on every CPU (check.py says why each value); the realistic checkpoint's figures are in
+# Every bf16/int8 kernel on the full-size (flat) checkpoint passes the gate, whose limits are the
+# same on every CPU (check.py says why each value); int4 passes or is refused with its figures
+# while exact runs (on a 2-core AVX2 EPYC it was refused); the realistic checkpoint's figures are in
 # test_precision_gate.py and bench_quality. (These once asserted KL bounds measured on one Xeon,
 # which fbgemm's AVX2 path exceeded: a threshold from one CPU, not a rule.)
 @pytest.mark.parametrize("precision,kernel", [
@@ -364,6 +365,10 @@ def test_full_size_reduced_precision_passes_the_gate(full_size_t3, precision, ke
         if "needs the cpu support" in why:  # e.g. onednn-bf16 on an AVX2-only CPU: fell back, as it must
             pytest.skip(f"{kernel} is not supported by this CPU ({why})")
         check = report.check
+        if precision == "int4" and report.refused:  # int4 may fail the gate: then exact runs, figures given
+            assert check.passed and check.precision == "float32", str(report)
+            assert "int4pack refused by the output check" in report.fallbacks["t3.precision"]
+            return
         assert check.passed and check.precision == precision, str(report)
         assert check.rel_diff > 1e-4  # the copies really are reduced: not the float32 weights
     finally:
