@@ -56,7 +56,6 @@ class _Stream:
     submitted: float
     t3: object = None                 # its T3Request once admitted
     streamer: object = None
-    family: str = ""
     text_tokens: int = 0
     pending: list = field(default_factory=list)  # speech ids not yet pushed to S3Gen
     speech: list = field(default_factory=list)   # every id pushed (Done reports them)
@@ -67,13 +66,11 @@ class _Stream:
     s3_generator: torch.Generator | None = None
     conds: object = None              # its voice's Conditionals (from the registry)
 
-    def put(self, event) -> bool:
-        """Deliver an event; False when the caller dropped its handle."""
+    def put(self, event) -> None:
+        """Deliver an event (nowhere when the caller dropped its handle)."""
         handle = self.handle_ref()
-        if handle is None:
-            return False
-        handle.put(event)
-        return True
+        if handle is not None:
+            handle.put(event)
 
 
 class Engine:
@@ -244,7 +241,6 @@ class Engine:
         from .frontend import t3_request
 
         request, model = stream.request, self.model
-        stream.family = self.family
         generator = None
         if request.seed is not None:
             generator = torch.Generator(device=model.t3.device).manual_seed(request.seed)
@@ -289,11 +285,8 @@ class Engine:
             stream = self._running.get(id(t3))
             if stream is None:
                 continue
-            if not self._feed(stream, ids, finished):
+            if not self._feed(stream, ids, finished):  # ended: _finish took it out of _running
                 self._decoder.cancel(t3)
-                finished = True
-            if finished:
-                self._running.pop(id(t3), None)
         for key, stream in list(self._running.items()):  # never wait on a row the decoder lost
             if not self._decoder.holds(stream.t3):
                 del self._running[key]

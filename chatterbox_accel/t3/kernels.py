@@ -288,10 +288,6 @@ class Selection:
     pinned: bool = False
     single: str = ""  # the kernel of one request's decode rows ("" = decode's)
 
-    @property
-    def single_kernel(self) -> str:
-        return self.single or self.decode
-
     def alternatives(self) -> list[str]:
         """The other timed kernels of this (reduced) precision that measured faster than the exact
         path's best float32 kernel (`decode_cost`), best first: what the output check falls back
