@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Chatterbox TTS. Exit codes: 0 ok, 1 output check failed, 2 bad arguments or files, 3 hub unreachable.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the accelerator does (INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_say, _add_bench, _add_check, _add_make_checkpoint):
+    for add in (_add_say, _add_bench, _add_check, _add_make_checkpoint, _add_serve):
         add(sub)
     return parser
 
@@ -165,6 +165,34 @@ def _add_make_checkpoint(sub):
     make.add_argument("--small", action="store_true", help="a small T3 (refused: from_local cannot load it)")
     make.add_argument("--overwrite", action="store_true", help="rewrite a checkpoint chatterbox-accel wrote")
     make.set_defaults(run=cmd_make_checkpoint)
+
+
+def _add_serve(sub):
+    serve = sub.add_parser("serve", help="an OpenAI-compatible speech server on 127.0.0.1 (pip install .[serve])")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=_number(0, False, int), default=8000)
+    serve.add_argument("--voices", metavar="DIR", help="reference audio / voice profiles to register; uploads "
+                       "are kept here (default: a temporary folder)")
+    serve.add_argument("--api-key", default=os.environ.get("CHATTERBOX_ACCEL_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (default: $CHATTERBOX_ACCEL_API_KEY, else none)")
+    serve.add_argument("--max-batch", type=_number(1, False, int), default=8, help="requests decoded at once (8)")
+    serve.add_argument("--max-queue", type=_number(0, False, int), default=32,
+                       help="requests waiting beyond them before 429 (32)")
+    serve.add_argument("--max-new-tokens", type=_number(1, False, int), default=1000,
+                       help="longest speech per text piece, in tokens (25 = 1 s; default 1000)")
+    serve.add_argument("--timeout", type=_number(1, False), default=300.0, help="per-request deadline, s (300)")
+    serve.add_argument("--no-accel", action="store_true", help="serve without accelerate() (the engine's own "
+                       "batching still runs)")
+    serve.add_argument("--model-factory", metavar="MODULE:FUNC",
+                       help="build the model with FUNC(checkpoint, device) instead of loading a checkpoint")
+    _add_model_args(serve, cmd_serve, "local checkpoint folder (default: the official weights from the hub; "
+                    "offline, write random weights with `chatterbox-accel make-checkpoint DIR` to try the API)")
+
+
+def cmd_serve(args) -> int:
+    from .server.run import serve
+
+    return serve(args)
 
 
 def _add_model_args(p, run, checkpoint_help="local checkpoint folder (default: the official weights "

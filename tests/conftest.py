@@ -145,3 +145,30 @@ def streamed_tokens(monkeypatch):
 
     monkeypatch.setattr(S3GenStreamer, "push", recording)
     return seen
+
+
+# ---- the server (tests/test_server.py, the page test): one real process per session ----------
+@pytest.fixture(scope="session")
+def server(ckpt_dir, tmp_path_factory):
+    pytest.importorskip("fastapi", reason="the server tests need the serve extra: pip install '.[serve]'")
+    pytest.importorskip("av", reason="the server tests need the serve extra: pip install '.[serve]'")
+    import openai
+
+    from server_support import API_KEY, start_server
+
+    server = start_server(ckpt_dir, tmp_path_factory.mktemp("server"))
+    server.client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def voice_wav(tmp_path_factory):
+    """A 2 s reference voice (a synthetic voice-like signal)."""
+    import soundfile as sf
+
+    from chatterbox_accel.checkpoints import synthetic_voice
+
+    path = tmp_path_factory.mktemp("voice") / "ref.wav"
+    sf.write(path, synthetic_voice(2.0, seed=2).numpy(), 24000)
+    return path

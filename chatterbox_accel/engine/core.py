@@ -35,15 +35,17 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from .split import MAX_CHARS, JoinedHandle, split_text
 from .requests import AudioChunk, Done, EngineBusy, EngineClosed, Failed, Handle, SpeechRequest, Usage
 from .voices import VoiceRegistry
 
 logger = logging.getLogger(__name__)
 
+MAX_PIECES = 200  # a long text's pieces (~50 000 characters)
 S3_SEED_OFFSET = 0x5EED  # a seeded request's S3Gen generator: seed + this (T3's: the seed itself)
 
 
@@ -75,10 +77,11 @@ class _Stream:
 
 class Engine:
     def __init__(self, model, *, max_batch: int = 8, max_queue: int = 32, max_new_tokens: int = 1000,
-                 max_prompt: int = 512, start: bool = True):
+                 max_prompt: int = 512, split_chars: int = MAX_CHARS, start: bool = True):
         """max_batch: requests decoded at once (T3 slots). max_queue: requests waiting beyond
         them before submit raises EngineBusy. max_new_tokens / max_prompt: the longest request
-        admitted (its KV cache is reserved for them at start)."""
+        admitted (its KV cache is reserved for them at start). split_chars: a longer text is
+        split into pieces (split.py) decoded in parallel and streamed in order."""
         from ..families import family_of
         from .batch import BATCH_FAMILIES, _runner
 
@@ -92,6 +95,9 @@ class Engine:
         self.model, self.family = model, family
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_new_tokens, self.max_prompt = max_new_tokens, max_prompt
+        if isinstance(split_chars, bool) or not isinstance(split_chars, int) or split_chars < 20:
+            raise ValueError(f"split_chars must be an int >= 20 (characters), got {split_chars!r}")
+        self.split_chars = split_chars
         self.voices = VoiceRegistry(model)
         self.runner = _runner(model)
         self.failures = {"admission": 0, "step": 0, "s3gen": 0, "taken_over": 0}
@@ -111,7 +117,11 @@ class Engine:
 
     # ---- callers ------------------------------------------------------------------------------
     def submit(self, request: SpeechRequest) -> Handle:
-        """Queue a request; returns its handle at once (events follow). Thread-safe."""
+        """Queue a request; returns its handle at once (events follow). Thread-safe. A text
+        longer than `split_chars` is split into pieces (one seed policy: piece i draws from
+        seed + i); up to max(2, max_batch) of them are in flight at once (decoded in parallel),
+        each later one submitted as an earlier one is read; the handle reads them in order.
+        Admission counts the pieces in flight at first (EngineBusy past the bound)."""
         if not isinstance(request, SpeechRequest):
             raise TypeError(f"submit() takes a SpeechRequest, got {type(request).__name__}")
         if request.max_new_tokens is not None and request.max_new_tokens > self.max_new_tokens:
@@ -119,17 +129,38 @@ class Engine:
                              f"({self.max_new_tokens}); pass at most that")
         if request.voice not in self.voices:
             raise KeyError(f"unknown voice {request.voice!r}; registered: {', '.join(self.voices.names())}")
-        handle = Handle(self, request)
+        pieces = [request.text] if len(request.text) <= self.split_chars else split_text(
+            request.text, max_chars=min(self.split_chars, MAX_CHARS))
+        if len(pieces) > MAX_PIECES:
+            raise ValueError(f"the text is too long: {len(pieces)} pieces of up to {min(self.split_chars, MAX_CHARS)} "
+                             f"characters, over the {MAX_PIECES} one request may have; send it in parts")
+        if len(pieces) == 1:
+            handle = Handle(self, request)
+            self._enqueue([handle], bounded=True)
+            return handle
+        requests = [replace(request, text=piece, seed=None if request.seed is None else request.seed + i)
+                    for i, piece in enumerate(pieces)]
+        ahead = min(len(requests), max(2, self.max_batch))  # pieces in flight at once: the rest follow
+        handles = [Handle(self, r) for r in requests[:ahead]]
+        self._enqueue(handles, bounded=True)
+        return JoinedHandle(self, request, handles, requests[ahead:], self.model.sr)
+
+    def _enqueue(self, handles: list, bounded: bool) -> None:
+        """Into the inbox; `bounded`: refuse past max_batch + max_queue in flight (a long
+        request's later pieces are not refused: it was admitted as a whole)."""
+        capacity = self.max_batch + self.max_queue
         with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is closed")
-            if self._in_flight >= self.max_batch + self.max_queue:
+            if bounded and self._in_flight + len(handles) > capacity:
                 raise EngineBusy(f"the engine is full ({self._in_flight} requests in flight, "
-                                 f"{self.max_batch} decoding and {self.max_queue} queued at most); retry later")
-            self._in_flight += 1
-            self._inbox.append(("submit", _Stream(weakref.ref(handle), request, time.perf_counter())))
+                                 f"{self.max_batch} decoding and {self.max_queue} queued at most; this one "
+                                 f"needs {len(handles)}); retry later")
+            self._in_flight += len(handles)
+            now = time.perf_counter()
+            for handle in handles:
+                self._inbox.append(("submit", _Stream(weakref.ref(handle), handle.request, now)))
             self._lock.notify()
-        return handle
 
     def cancel(self, handle: Handle) -> None:
         with self._lock:

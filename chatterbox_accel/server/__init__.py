@@ -1,0 +1,1 @@
+"""The OpenAI-compatible speech server on the engine (see app.py)."""

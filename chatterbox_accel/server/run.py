@@ -1,0 +1,76 @@
+"""`chatterbox-accel serve`: load a model, accelerate it, start one engine and the API on uvicorn."""
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+
+
+def _require_serve_extra():
+    from ..cli import CliError
+
+    missing = [name for name in ("fastapi", "uvicorn", "av", "prometheus_client", "multipart")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CliError(f"serve needs {', '.join(missing)}: pip install 'chatterbox-accel[serve]'")
+
+
+def _factory(spec: str):
+    from ..cli import CliError
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise CliError(f"--model-factory takes MODULE:FUNC, got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise CliError(f"--model-factory {spec}: {exc}") from None
+
+
+def serve(args) -> int:
+    from ..cli import EXIT_OK, CliError, _accelerate, _device, _generate_kwargs, _load, _options, _progress
+
+    _require_serve_extra()
+    # The engine's thread runs Python between torch calls; a 1 ms GIL switch interval (5 ms by
+    # default) lets the event loop answer /health and stream bytes promptly while it works.
+    sys.setswitchinterval(0.001)
+    _generate_kwargs(args, sampling=False)  # --language only with multilingual
+    options = _options(args.option)
+    if args.no_accel and args.option:
+        raise CliError("--option has no effect with --no-accel; drop one of them")
+    device = _device(args.device)
+    if args.model_factory:
+        build = _factory(args.model_factory)
+        _progress(f"building the model with {args.model_factory}({args.checkpoint!r}, {device!r})")
+        model = build(args.checkpoint, device)
+    else:
+        model = _load(args.model, args.checkpoint, device)
+    report = None if args.no_accel else _accelerate(model, options, show=False)
+
+    import uvicorn
+
+    from ..engine import Engine
+    from .app import create_app
+
+    try:
+        engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue,
+                        max_new_tokens=args.max_new_tokens)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        app = create_app(engine, voices_dir=args.voices, api_key=args.api_key, request_timeout=args.timeout,
+                         max_new_tokens=args.max_new_tokens)
+        accel = "not accelerated" if report is None else (
+            f"accelerated: {', '.join(report.applied) or 'nothing applied'}")
+        voices = ", ".join(engine.voices.names())
+        _progress(f"serving {type(model).__name__} on {device} ({accel}); voices: {voices}")
+        _progress(f"listening on http://{args.host}:{args.port} (OpenAI API at /v1, a page to try it at /)"
+                  + ("" if args.api_key else "; no API key required"))
+        started = time.perf_counter()
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+        uvicorn.Server(config).run()
+        _progress(f"stopped after {time.perf_counter() - started:.0f} s")
+    finally:
+        engine.close()
+    sys.stdout.flush()
+    return EXIT_OK

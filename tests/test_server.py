@@ -1,0 +1,237 @@
+"""The OpenAI-compatible server as its users meet it: the real `chatterbox-accel serve` process on
+127.0.0.1 (a 2-layer T3 with the full S3Gen, accelerated), the real `openai` client, raw HTTP
+where a client would misbehave. One server for the module (see the `server` fixture)."""
+import asyncio
+import base64
+import io
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+av = pytest.importorskip("av", reason="the server tests need the serve extra: pip install '.[serve]'")
+openai = pytest.importorskip("openai", reason="the server tests use the openai client: pip install openai")
+
+from server_support import API_KEY, MAX_BATCH, MAX_QUEUE, metric  # noqa: E402
+
+# three pieces (engine/split.py: <= 120 characters, then <= 250): with --max-batch 2 the third is
+# submitted only when the first has been read, i.e. after the first audio went out
+THREE_PIECES = " ".join(f"This is sentence {i}, which is about sixty characters long." for i in range(7))
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def speech(client, fmt="pcm", **kw):
+    """(headers, body) of one request; Chatterbox's own options travel as the SDK's extra_body."""
+    kw.setdefault("input", "Hello there.")
+    kw.setdefault("voice", "alloy")
+    extra = {k: kw.pop(k) for k in list(kw) if k not in ("input", "voice", "speed", "instructions")}
+    with client.audio.speech.with_streaming_response.create(model="chatterbox", response_format=fmt,
+                                                            extra_body=extra, **kw) as r:
+        return r.headers, r.read()
+
+
+def decoded(data: bytes) -> tuple[str, int, np.ndarray]:
+    """(codec, rate, samples) of an encoded file, read back with PyAV."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        samples = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(stream)])
+        return stream.codec_context.name, stream.rate, samples
+
+
+@pytest.mark.parametrize("fmt,codec", [("mp3", "mp3"), ("opus", "opus"), ("aac", "aac"), ("flac", "flac"),
+                                       ("wav", "pcm_s16le")])
+def test_every_format_decodes_as_what_it_claims(client, fmt, codec):
+    headers, data = speech(client, fmt, seed=1)
+    name, rate, samples = decoded(data)
+    assert name.startswith(codec) and samples.size > 0
+    assert headers["content-type"] == {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac",
+                                       "flac": "audio/flac", "wav": "audio/wav"}[fmt]
+    assert rate == (48000 if fmt == "opus" else 24000)  # Opus decodes at 48 kHz by definition
+    assert np.abs(samples).max() > 0
+
+
+def test_pcm_is_headerless_and_matches_wav(client):
+    _, pcm = speech(client, "pcm", seed=2)
+    _, wav = speech(client, "wav", seed=2)
+    assert not pcm.startswith(b"RIFF") and len(pcm) % 2 == 0
+    assert wav[:4] == b"RIFF" and wav[44:] == pcm  # the same request, the same samples
+
+
+def test_mp3_is_the_default_format(server):
+    r = httpx.post(f"{server.url}/v1/audio/speech", json={"model": "tts-1", "input": "Hi.", "voice": "alloy"},
+                   headers=server.auth, timeout=120)
+    assert r.status_code == 200 and r.headers["content-type"] == "audio/mpeg"
+    assert decoded(r.content)[0].startswith("mp3")
+
+
+def test_sse_stream_format(server):
+    with httpx.stream("POST", f"{server.url}/v1/audio/speech", headers=server.auth, timeout=120,
+                      json={"input": "Hello there.", "voice": "default", "response_format": "pcm",
+                            "stream_format": "sse", "seed": 2}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert [e["type"] for e in events[:-1]] == ["speech.audio.delta"] * (len(events) - 1)
+    assert events[-1]["type"] == "speech.audio.done" and events[-1]["usage"]["output_tokens"] > 0
+    audio = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    _, pcm = speech(server.client, "pcm", seed=2, voice="default")
+    assert audio == pcm
+
+
+def test_audio_streams_before_the_request_ends(server):
+    """The first bytes leave with the engine's first chunk, before the last piece is decoded."""
+    from chatterbox_accel.engine import split_text
+
+    assert len(split_text(THREE_PIECES)) == 3 and MAX_BATCH == 2
+    arrivals = []
+    with httpx.stream("POST", f"{server.url}/v1/audio/speech", headers=server.auth, timeout=120,
+                      json={"input": THREE_PIECES, "response_format": "pcm", "seed": 4}) as r:
+        for piece in r.iter_raw():
+            arrivals.append(time.perf_counter())
+    assert len(arrivals) >= 3
+    assert arrivals[-1] - arrivals[0] > 0.3  # the third piece's T3 and S3Gen ran after the first bytes left
+
+
+def test_open_webui_listings_parse(server, client):
+    voices = httpx.get(f"{server.url}/v1/audio/voices", headers=server.auth).json()["voices"]
+    assert {"id": "default", "name": "default"} in voices and any(v["id"] == "sample" for v in voices)
+    assert all(set(v) == {"id", "name"} for v in voices)
+    models = httpx.get(f"{server.url}/v1/audio/models", headers=server.auth).json()["models"]
+    assert {"id": "chatterbox"} in models
+    assert "chatterbox" in [m.id for m in client.models.list()]
+
+
+def test_concurrent_requests_get_their_alone_audio(server, client):
+    alone = {voice: speech(client, "pcm", voice=voice, seed=seed)[1] for voice, seed in (("default", 5), ("sample", 6))}
+
+    async def both():
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+        async def one(voice, seed):
+            async with aclient.audio.speech.with_streaming_response.create(
+                    model="chatterbox", input="Hello there.", voice=voice, response_format="pcm",
+                    extra_body={"seed": seed}) as r:
+                return await r.read()
+
+        return await asyncio.gather(one("default", 5), one("sample", 6))
+
+    together = asyncio.run(both())
+    assert together[0] == alone["default"] and together[1] == alone["sample"]
+    assert alone["default"] != alone["sample"]
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"input": "x" * 4097}, 400, "input"),
+    ({"input": "Hi.", "voice": "nobody"}, 400, "voice"),
+    ({"input": "Hi.", "temperature": -1}, 400, "temperature"),
+    ({"input": "Hi.", "response_format": "ogg"}, 400, "response_format"),
+    ({"input": "Hi.", "speed": 2.0}, 400, "speed"),
+    ({"input": "Hi.", "colour": "blue"}, 400, "colour"),
+    ({"input": "Hi.", "top_k": 5}, 400, None),           # English has no top_k (Turbo's option)
+    ({"input": "   "}, 400, "input"),
+])
+def test_bad_requests_get_openai_shaped_errors(server, body, status, param):
+    r = httpx.post(f"{server.url}/v1/audio/speech", json=body, headers=server.auth, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+
+
+def test_the_openai_client_raises_its_own_errors(client):
+    with pytest.raises(openai.BadRequestError, match="4096"):
+        speech(client, input="x" * 4097)
+
+
+def test_api_key(server):
+    body = {"input": "Hi."}
+    assert httpx.post(f"{server.url}/v1/audio/speech", json=body).status_code == 401
+    wrong = httpx.post(f"{server.url}/v1/audio/speech", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{server.url}/health").status_code == 200  # exempt
+    assert httpx.get(f"{server.url}/metrics").status_code == 200
+
+
+def test_voice_upload_list_use_delete(server, client, voice_wav):
+    files = {"audio_sample": ("ref.wav", voice_wav.read_bytes(), "audio/wav")}
+    r = httpx.post(f"{server.url}/v1/audio/voices", data={"name": "uploaded"}, files=files, headers=server.auth)
+    assert r.status_code == 200, r.text
+    assert {k: r.json()[k] for k in ("object", "id", "name")} == {"object": "audio.voice", "id": "uploaded",
+                                                                "name": "uploaded"}
+    assert (server.voices_dir / "uploaded.wav").is_file()  # persisted in --voices
+    _, pcm = speech(client, voice="uploaded", seed=1)
+    assert len(pcm) > 0
+    assert httpx.delete(f"{server.url}/v1/audio/voices/uploaded", headers=server.auth).status_code == 200
+    assert not (server.voices_dir / "uploaded.wav").exists()
+    assert httpx.delete(f"{server.url}/v1/audio/voices/uploaded", headers=server.auth).status_code == 404
+
+
+@pytest.mark.parametrize("name,payload,status", [
+    ("noise", b"this is not audio at all" * 100, 400),
+    ("big", b"\0" * ((10 << 20) + 1), 413),
+    ("../escape", None, 400),
+    ("a/b", None, 400),
+    ("default", None, 400),
+])
+def test_bad_uploads(server, voice_wav, name, payload, status):
+    data = payload if payload is not None else voice_wav.read_bytes()
+    r = httpx.post(f"{server.url}/v1/audio/voices", data={"name": name}, headers=server.auth,
+                   files={"audio_sample": ("x.wav", data, "audio/wav")}, timeout=60)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"]
+    assert not any(p.name.startswith(("escape", ".upload")) for p in server.voices_dir.parent.rglob("*"))
+
+
+def test_past_the_queue_429_with_retry_after(server):
+    n = 3 * (MAX_BATCH + MAX_QUEUE)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server.url, headers=server.auth, timeout=120) as http:
+            return await asyncio.gather(*[http.post("/v1/audio/speech", json={"input": "Hi.", "response_format": "pcm"})
+                                          for _ in range(n)])
+
+    responses = asyncio.run(burst())
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) == {200, 429}, codes
+    assert codes.count(200) >= MAX_BATCH + MAX_QUEUE
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["type"] == "rate_limit_error"
+    assert metric(server, "chatterbox_rejections_total") >= codes.count(429)
+
+
+def test_disconnect_frees_the_slot_and_health_stays_fast(server):
+    with httpx.stream("POST", f"{server.url}/v1/audio/speech", headers=server.auth, timeout=120,
+                      json={"input": THREE_PIECES, "response_format": "pcm"}) as r:
+        next(r.iter_raw())  # audio is flowing; the rest of the long text is still decoding
+        assert metric(server, "chatterbox_running_requests") >= 1
+        timings = []
+        for _ in range(5):
+            start = time.perf_counter()
+            assert httpx.get(f"{server.url}/health").status_code == 200
+            timings.append(time.perf_counter() - start)
+        assert sorted(timings)[2] < 0.05, timings  # the event loop never waits on the model
+    deadline = time.time() + 30  # the client went away: every piece's slot frees at a step boundary
+    while time.time() < deadline and (metric(server, "chatterbox_running_requests") or
+                                      metric(server, "chatterbox_open_responses")):
+        time.sleep(0.2)
+    assert metric(server, "chatterbox_running_requests") == 0
+    assert metric(server, "chatterbox_queue_depth") == 0 and metric(server, "chatterbox_open_responses") == 0
+
+
+def test_metrics_count_what_happened(server):
+    text = httpx.get(f"{server.url}/metrics").text
+    assert metric(server, "chatterbox_time_to_first_audio_seconds_count") > 0
+    assert metric(server, "chatterbox_audio_seconds_total") > 0
+    assert "chatterbox_underrun_seconds_bucket" in text and "chatterbox_engine_failures_total" in text
+
+
+def test_ready_and_no_5xx(server):
+    assert httpx.get(f"{server.url}/ready").json()["status"] == "ready"
+    assert not any(f'status="5' in line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+                   if line.startswith("chatterbox_requests_total"))
