@@ -209,3 +209,29 @@ def test_a_decode_whose_request_was_dropped_raises_instead_of_spinning(tiny_t3):
         runner.decoder(1).reset()  # what another decode on the same runner does
         with pytest.raises(RuntimeError, match="dropped"):
             next(blocks)
+
+
+def test_a_long_text_is_split_decoded_in_parallel_and_joined_in_order(model):
+    """Each piece's audio, in order, is what that piece gives alone (seed + its index), with the
+    fade and pause between pieces; the usage adds up; more pieces than slots still all run."""
+    from chatterbox_accel.engine.split import FADE_SECONDS, PAUSE_SECONDS, _fade_out, split_text
+
+    text = " ".join(f"Sentence {i} of a long text, which goes on for a while." for i in range(8))
+    pieces = split_text(text)
+    assert len(pieces) == 3
+    with Engine(model, max_batch=2, max_new_tokens=64, max_prompt=384) as engine:
+        events = list(engine.submit(request(text, seed=10)))
+        alone = [engine.submit(request(p, seed=10 + i)).result() for i, p in enumerate(pieces)]
+    done = events[-1]
+    assert isinstance(done, Done), done
+    chunks = [e for e in events if isinstance(e, AudioChunk)]
+    assert [c.index for c in chunks] == list(range(len(chunks))) and chunks[-1].final
+    assert not any(c.final for c in chunks[:-1])
+    expected = []
+    for i, (audio, _) in enumerate(alone):
+        if i < len(alone) - 1:
+            audio = torch.cat([_fade_out(audio, int(FADE_SECONDS * model.sr)),
+                               torch.zeros(int(PAUSE_SECONDS * model.sr))])
+        expected.append(audio)
+    torch.testing.assert_close(torch.cat([c.audio for c in chunks]), torch.cat(expected), rtol=0, atol=0)
+    assert done.usage.speech_tokens == sum(u.speech_tokens for _, u in alone)
