@@ -154,9 +154,9 @@ def server(ckpt_dir, tmp_path_factory):
     pytest.importorskip("av", reason="the server tests need the serve extra: pip install '.[serve]'")
     import openai
 
-    from server_support import API_KEY, start_server
+    from server_support import API_KEY, start_test_server
 
-    server = start_server(ckpt_dir, tmp_path_factory.mktemp("server"))
+    server = start_test_server(ckpt_dir, tmp_path_factory.mktemp("server"))
     server.client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
     yield server
     server.stop()
