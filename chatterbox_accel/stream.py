@@ -259,7 +259,7 @@ def generate_stream(model, text, **options):
     if options.get("audio_prompt_path") is not None:
         from .voice import check_reference_audio
 
-        check_reference_audio(options["audio_prompt_path"])
+        check_reference_audio(options["audio_prompt_path"], model)
     elif getattr(model, "conds", None) is None:
         raise ValueError("no voice: pass audio_prompt_path or call model.prepare_conditionals() first")
     stream["first_chunk_size"] = stream["first_chunk_size"] or min(stream["chunk_size"], 12)

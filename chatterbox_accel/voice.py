@@ -32,8 +32,13 @@ SILENCE_PEAK = 1e-4
 
 
 # ---- reference audio validation -------------------------------------------------------------
-def check_reference_audio(path) -> Path:
-    """Raise a clear error for a reference file chatterbox cannot use well; return the path."""
+TURBO_MIN_SECONDS = 5.0  # ChatterboxTurboTTS.prepare_conditionals asserts a reference longer than 5 s
+
+
+def check_reference_audio(path, model=None) -> Path:
+    """Raise a clear error for a reference file chatterbox cannot use well; return the path.
+    With the model: its family's own rule too (Turbo asserts more than 5 s, late, in its
+    prepare_conditionals; here it is a ValueError before any work)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference audio {str(path)!r} does not exist; pass the path to a WAV/FLAC/MP3 file")
@@ -51,6 +56,12 @@ def check_reference_audio(path) -> Path:
     if float(abs(samples).max()) < SILENCE_PEAK:
         raise ValueError(f"reference audio {str(path)!r} is silent (peak below {SILENCE_PEAK}); "
                          "use a recording of the voice to clone")
+    if model is not None and seconds <= TURBO_MIN_SECONDS:
+        from .families import family_of
+
+        if family_of(model) == "turbo":
+            raise ValueError(f"reference audio {str(path)!r} is {seconds:.1f} s long; Turbo needs more than "
+                             f"{TURBO_MIN_SECONDS:.0f} s of speech (its prepare_conditionals asserts it)")
     return path
 
 
@@ -159,7 +170,7 @@ class CachedPrepareConditionals:
             wav_fpath, exaggeration, extra = _split_args(args, kwargs, wrapped)
         except TypeError:
             return wrapped(*args, **kwargs)  # arguments the original does not take: its own error
-        path = check_reference_audio(wav_fpath)
+        path = check_reference_audio(wav_fpath, instance)
         key = (file_sha256(path), tuple(sorted(extra.items())))
         voice = self.cache.get(key)
         if voice is None:
@@ -245,7 +256,7 @@ def _default_options(model) -> tuple:
 def save_voice(model, audio_path, profile_path) -> Path:
     """Compute (or reuse) the conditionals of `audio_path` and store them in `profile_path`."""
     family = _profile_family(model)
-    audio_path = check_reference_audio(audio_path)
+    audio_path = check_reference_audio(audio_path, model)
     model.prepare_conditionals(str(audio_path))
     voice = Voice.from_conds(model.conds)
     payload = {

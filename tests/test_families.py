@@ -17,6 +17,7 @@ complete with the same settings). Models are class-scoped, so one family is in m
 import pytest
 import torch
 
+import chatterbox_accel
 from chatterbox_accel import accelerate, is_accelerated, load_voice, restore, save_voice
 from chatterbox_accel.checkpoints import (
     MULTILINGUAL_FILES, TURBO_FILES, TURBO_TEXT_VOCAB, VC_FILES, synthetic_voice,
@@ -245,11 +246,20 @@ class TestTurbo:
         with pytest.raises(ValueError, match="unknown option"):
             OptimizedChatterboxTurboTTS.from_pretrained("cpu", optimizations={"turbo": True})
 
-    def test_upstream_errors_pass_through_the_cache(self, turbo, audio):
-        accelerate(turbo)
+    def test_a_short_reference_is_refused_up_front(self, turbo, audio):
+        """Upstream asserts > 5 s inside prepare_conditionals, after its work began; accelerated,
+        generate(), the stream and the batch refuse it first with a ValueError naming the fix."""
         short = write_wav(audio["folder"] / "short.wav", 3.0, seed=7)
+        restore(turbo)
         with pytest.raises(AssertionError, match="longer than 5 seconds"):
+            turbo.prepare_conditionals(short)  # the original's own error
+        accelerate(turbo)
+        with pytest.raises(ValueError, match="Turbo needs more than 5 s"):
             turbo.prepare_conditionals(short)
+        with pytest.raises(ValueError, match="Turbo needs more than 5 s"):
+            turbo.generate_stream("Hi.", audio_prompt_path=short)
+        with pytest.raises(ValueError, match="Turbo needs more than 5 s"):
+            chatterbox_accel.generate_batch(turbo, ["Hi."], audio_prompt_path=short)
         restore(turbo)
 
     def test_voice_profile_keeps_turbo_options_and_family(self, turbo, audio, tmp_path):

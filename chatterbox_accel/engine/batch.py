@@ -176,7 +176,7 @@ def _check_rows(model, rows):
         _check_language(model, o.get("language_id"))
         if row.path:
             try:
-                check_reference_audio(row.path)
+                check_reference_audio(row.path, model)
             except (OSError, ValueError) as exc:
                 raise ValueError(f"audio_prompt_path for texts[{row.index}]: {exc}") from None
         elif getattr(model, "conds", None) is None:

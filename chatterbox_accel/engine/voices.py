@@ -17,11 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..families import family_of
-from ..voice import Voice, _read_audio, check_reference_audio
+from ..voice import TURBO_MIN_SECONDS, Voice, check_reference_audio  # noqa: F401 (re-exported)
 
 DEFAULT = "default"  # the model's built-in voice
-TURBO_MIN_SECONDS = 5.0  # ChatterboxTurboTTS.prepare_conditionals asserts a reference longer than 5 s
 
 
 def _cpu(value):
@@ -51,12 +49,7 @@ class VoiceRegistry:
         path = Path(path)
         kind = "profile" if path.suffix == ".pt" else "audio"
         if kind == "audio":
-            check_reference_audio(path)
-            if family_of(self.model) == "turbo":
-                samples, sr = _read_audio(path)
-                if samples.shape[0] / sr <= TURBO_MIN_SECONDS:
-                    raise ValueError(f"reference audio {str(path)!r} is {samples.shape[0] / sr:.1f} s long; "
-                                     f"Turbo needs more than {TURBO_MIN_SECONDS:.0f} s of speech")
+            check_reference_audio(path, self.model)  # Turbo: more than 5 s
         elif not path.is_file():
             raise FileNotFoundError(f"voice profile {str(path)!r} does not exist")
         with self.lock:
