@@ -391,10 +391,19 @@ def _draw_stages(ax, results):
                        label=stage if (i, j) == (0, 0) else None)
                 bottom += m[stage]
             ax.text(x, bottom, f"{m['total_s']:.1f}s", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(results)), [f"{r.label}: orig | accel\n{r.speedup():.2f}x faster" for r in results])
+    ax.set_xticks(range(len(results)), [f"{r.label}: orig | accel\n{speed_words(r.speedup())}" for r in results])
     ax.set_ylabel("seconds per generate() (median)")
     ax.set_title("stage times (hatched: accelerated)")
     ax.legend(fontsize=8)
+
+
+def speed_words(ratio: float) -> str:
+    """'1.46x faster', '0.99x: no faster' or '1.25x slower' (original time / accelerated time)."""
+    if ratio >= 1.02:
+        return f"{ratio:.2f}x faster"
+    if ratio > 0.98:
+        return f"{ratio:.2f}x: about the same"
+    return f"{1 / ratio:.2f}x slower"
 
 
 def _draw_rtf(ax, results):

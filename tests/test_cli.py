@@ -331,3 +331,11 @@ def test_rtf_is_the_ratio_of_the_medians_shown_beside_it():
     result = E2EResult(label="x", text="Hi.", original=runs, accelerated=runs)
     m = result.medians("original")
     assert (m["total_s"], m["audio_s"]) == (12.0, 1.0) and m["rtf"] == 12.0
+
+
+def test_the_chart_says_slower_when_slower():
+    from chatterbox_accel.e2e import speed_words
+
+    assert speed_words(1.46) == "1.46x faster"
+    assert speed_words(0.8) == "1.25x slower"
+    assert speed_words(0.99) == "0.99x: about the same"
