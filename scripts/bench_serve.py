@@ -107,6 +107,36 @@ def _r(x):
     return None if x is None else round(x, 3)
 
 
+def engine_first_chunk(folder: Path, tiny: bool, options: list, repeats: int = 3):
+    """Median first-chunk time of the sentence pattern's first text through an Engine in this
+    process (no HTTP), after the server has stopped: the floor the server's first byte is held to."""
+    import torch
+
+    import chatterbox_accel
+    from chatterbox_accel.cli import _load, _option
+    from chatterbox_accel.engine import AudioChunk, Engine, SpeechRequest
+
+    print("the engine in process, for its first chunk ...", file=sys.stderr)
+    if tiny:
+        from chatterbox_accel.checkpoints import tiny_english_model
+
+        model = tiny_english_model(folder)
+    else:
+        model = _load("english", str(folder), "cpu")
+    chatterbox_accel.accelerate(model, **dict(_option(o) for o in options))
+    times = []
+    with Engine(model, max_batch=8) as engine:
+        for i in range(repeats + 1):  # the first is a warm-up
+            start = time.perf_counter()
+            for event in engine.submit(SpeechRequest(SENTENCES[0], seed=i)):
+                if isinstance(event, AudioChunk):
+                    times.append(time.perf_counter() - start)
+                    break
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return round(statistics.median(times[1:]), 3)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", default="1,2,4,8", help="levels, e.g. 1,2,4,8 (16,32 on a GPU)")
@@ -119,6 +149,8 @@ def main() -> int:
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--option", action="append", default=[], help="accelerate() option for the server, KEY=VALUE")
     ap.add_argument("--out", help="also append the JSON line to this file")
+    ap.add_argument("--no-engine-baseline", action="store_true",
+                    help="skip the in-process Engine run (its first chunk, for the same sentence and voice)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     patterns = args.patterns.split(",")
@@ -152,6 +184,7 @@ def main() -> int:
                     print(json.dumps(row), file=sys.stderr)
         finally:
             server.stop()
+    baseline = None if args.no_engine_baseline else engine_first_chunk(folder, args.tiny, args.option)
     header = ("pattern", "C", "req/s", "lat p50", "lat p95", "TTFA p50", "TTFA p95", "audio s/s", "underrun", "errors")
     print(" | ".join(header))
     for r in rows:
@@ -166,7 +199,12 @@ def main() -> int:
     summary = {"bench": "serve", "hardware": hardware(), "versions": versions(), "model": "english",
                "t3": "tiny (2 layers)" if args.tiny else "full size, random weights", "checkpoint_stop_after": stop,
                "max_batch": args.max_batch, "options": args.option, "date": time.strftime("%Y-%m-%d"),
-               "throughput_scaling_max_vs_1": scaling, "levels": rows}
+               "throughput_scaling_max_vs_1": scaling, "engine_first_chunk_s": baseline, "levels": rows}
+    c1 = next((r for r in rows if r["pattern"] == "sentence" and r["concurrency"] == 1), None)
+    if baseline and c1 and c1["first_audio_p50_s"]:
+        summary["first_audio_c1_vs_engine"] = round(c1["first_audio_p50_s"] / baseline, 3)
+        print(f"time to first audio at concurrency 1: {c1['first_audio_p50_s']:.2f} s over HTTP, "
+              f"{baseline:.2f} s from the engine in process ({summary['first_audio_c1_vs_engine']:.2f}x)")
     line = json.dumps(summary)
     print(line)
     if args.out:
