@@ -235,3 +235,16 @@ def test_ready_and_no_5xx(server):
     assert httpx.get(f"{server.url}/ready").json()["status"] == "ready"
     assert not any(f'status="5' in line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
                    if line.startswith("chatterbox_requests_total"))
+
+
+def test_bodies_are_bounded_before_they_are_read(server):
+    headers = {**server.auth, "Content-Type": "application/json"}
+    big = httpx.post(f"{server.url}/v1/audio/speech", content=b'{"input": "' + b"x" * (300 << 10) + b'"}',
+                     headers=headers)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
+
+    def chunked():
+        yield b'{"input": "Hi."}'
+
+    r = httpx.post(f"{server.url}/v1/audio/speech", content=chunked(), headers=headers)
+    assert r.status_code == 411 and "Content-Length" in r.json()["error"]["message"]

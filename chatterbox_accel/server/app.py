@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 MAX_INPUT = 4096                 # characters, as OpenAI's API
 MAX_UPLOAD = 10 << 20            # bytes of a voice upload
+MAX_BODY = 256 << 10             # bytes of a speech request's JSON
 AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".ogg", ".m4a", ".opus")
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse",
                  "marin", "cedar")
@@ -132,9 +133,21 @@ def create_app(engine, *, voices_dir=None, api_key: str | None = None, model_nam
             message = f"{param}: {message}"
         return ApiError(400, message, param, first.get("type")).response()
 
+    body_limits = {"/v1/audio/voices": MAX_UPLOAD + (64 << 10), "/v1/audio/speech": MAX_BODY}
+
     @app.middleware("http")
-    async def _auth(request: Request, call_next):
+    async def _auth_and_size(request: Request, call_next):
         path = request.url.path
+        limit = body_limits.get(path)
+        if request.method == "POST" and limit:  # bounded before anything is read or spooled
+            length = request.headers.get("content-length")
+            if length is None or not length.isdigit():
+                return ApiError(411, "send a Content-Length (chunked request bodies are not accepted)",
+                                code="length_required").response()
+            if int(length) > limit:
+                return ApiError(413, f"the request body is {int(length)} bytes, over this route's {limit}; "
+                                     + ("send a reference of at most 10 MiB" if "voices" in path else
+                                        "input is at most 4096 characters"), code="body_too_large").response()
         if api_key and path not in ("/", "/health", "/ready", "/metrics"):
             header = request.headers.get("authorization", "")
             token = header[7:] if header.lower().startswith("bearer ") else ""
@@ -209,6 +222,7 @@ def create_app(engine, *, voices_dir=None, api_key: str | None = None, model_nam
             raise ApiError(404, f"no voice {voice_id!r}", "voice_id", "voice_not_found")
         path = Path(engine.voices.sources[voice_id][1])
         engine.voices.remove(voice_id)
+        created.pop(voice_id, None)
         if path.parent == voices_dir:
             path.unlink(missing_ok=True)
         return {"object": "audio.voice.deleted", "id": voice_id, "deleted": True}
