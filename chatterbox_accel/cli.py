@@ -183,6 +183,11 @@ def _add_serve(sub):
     serve.add_argument("--timeout", type=_number(1, False), default=300.0, help="per-request deadline, s (300)")
     serve.add_argument("--no-accel", action="store_true", help="serve without accelerate() (the engine's own "
                        "batching still runs)")
+    serve.add_argument("--wyoming", action="store_true", help="also serve Wyoming TTS (Home Assistant) on the "
+                       "same engine")
+    serve.add_argument("--wyoming-uri", default="tcp://127.0.0.1:10200", help="where Wyoming listens "
+                       "(default tcp://127.0.0.1:10200)")
+    serve.add_argument("--no-http", action="store_true", help="Wyoming only: no HTTP server (needs --wyoming)")
     serve.add_argument("--model-factory", metavar="MODULE:FUNC",
                        help="build the model with FUNC(checkpoint, device) instead of loading a checkpoint")
     _add_model_args(serve, cmd_serve, "local checkpoint folder (default: the official weights from the hub; "

@@ -11,10 +11,16 @@ MAX_BATCH, MAX_QUEUE = 2, 1
 
 
 def start_test_server(checkpoint, workdir) -> Server:
+    """HTTP and Wyoming in one process on one engine (as `serve --wyoming` runs)."""
     from chatterbox_accel.checkpoints import synthetic_voice
+    from chatterbox_accel.server.launch import free_port
 
-    return start_server(checkpoint, workdir, factory=TINY_FACTORY, api_key=API_KEY, max_batch=MAX_BATCH,
-                        max_queue=MAX_QUEUE, voices={"sample": synthetic_voice(2.0, seed=1).numpy()}, timeout=300)
+    wyoming_port = free_port()
+    server = start_server(checkpoint, workdir, factory=TINY_FACTORY, api_key=API_KEY, max_batch=MAX_BATCH,
+                          max_queue=MAX_QUEUE, voices={"sample": synthetic_voice(2.0, seed=1).numpy()}, timeout=300,
+                          extra=["--wyoming", "--wyoming-uri", f"tcp://127.0.0.1:{wyoming_port}"])
+    server.wyoming_port = wyoming_port
+    return server
 
 
 def metric(server: Server, name: str) -> float:

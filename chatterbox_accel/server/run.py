@@ -1,7 +1,9 @@
 """`chatterbox-accel serve`: load a model, accelerate it, start one engine and the API on uvicorn."""
 from __future__ import annotations
 
+import asyncio
 import importlib
+import importlib.util
 import sys
 import time
 
@@ -27,6 +29,33 @@ def _factory(spec: str):
         raise CliError(f"--model-factory {spec}: {exc}") from None
 
 
+def _with_wyoming(app, engine, uri: str) -> None:
+    """Start the Wyoming listener with the HTTP server's event loop, stop it with it."""
+    from .wyoming import start_wyoming
+
+    state = {}
+
+    async def start():
+        state["server"] = await start_wyoming(engine, uri)
+
+    async def stop():
+        if "server" in state:
+            await state["server"].stop()
+
+    app.router.on_startup.append(start)
+    app.router.on_shutdown.append(stop)
+
+
+async def _wyoming_only(engine, uri: str) -> None:
+    from .wyoming import start_wyoming
+
+    server = await start_wyoming(engine, uri)
+    try:
+        await asyncio.Event().wait()  # until interrupted
+    finally:
+        await server.stop()
+
+
 def serve(args) -> int:
     from ..cli import EXIT_OK, CliError, _accelerate, _device, _generate_kwargs, _load, _options, _progress
 
@@ -35,6 +64,10 @@ def serve(args) -> int:
     # default) lets the event loop answer /health and stream bytes promptly while it works.
     sys.setswitchinterval(0.001)
     _generate_kwargs(args, sampling=False)  # --language only with multilingual
+    if args.no_http and not args.wyoming:
+        raise CliError("--no-http leaves nothing to serve; add --wyoming")
+    if args.wyoming and importlib.util.find_spec("wyoming") is None:
+        raise CliError("--wyoming needs the wyoming package: pip install 'chatterbox-accel[serve]'")
     options = _options(args.option)
     if args.no_accel and args.option:
         raise CliError("--option has no effect with --no-accel; drop one of them")
@@ -64,11 +97,20 @@ def serve(args) -> int:
             f"accelerated: {', '.join(report.applied) or 'nothing applied'}")
         voices = ", ".join(engine.voices.names())
         _progress(f"serving {type(model).__name__} on {device} ({accel}); voices: {voices}")
-        _progress(f"listening on http://{args.host}:{args.port} (OpenAI API at /v1, a page to try it at /)"
-                  + ("" if args.api_key else "; no API key required"))
+        if not args.no_http:
+            _progress(f"listening on http://{args.host}:{args.port} (OpenAI API at /v1, a page to try it at /)"
+                      + ("" if args.api_key else "; no API key required"))
+        if args.wyoming:
+            _progress(f"Wyoming TTS on {args.wyoming_uri} (Home Assistant: add the Wyoming integration, "
+                      "with this host and port)")
         started = time.perf_counter()
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
-        uvicorn.Server(config).run()
+        if args.wyoming:
+            _with_wyoming(app, engine, args.wyoming_uri)
+        if args.no_http:
+            asyncio.run(_wyoming_only(engine, args.wyoming_uri))
+        else:
+            config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+            uvicorn.Server(config).run()
         _progress(f"stopped after {time.perf_counter() - started:.0f} s")
     finally:
         engine.close()
