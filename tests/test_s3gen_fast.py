@@ -84,7 +84,10 @@ def test_prompt_cap_keeps_the_last_seconds_of_the_reference(tiny_model, monkeypa
     (dict(s3gen_dtype="bfloat16"), 0.004, 0.025),
     (dict(s3gen_steps=5), 0.05, 0.34),
 ])
-def test_deviation_of_each_mode_within_measured_bounds(tiny_model, options, low, high):
+def test_deviation_of_each_mode_within_measured_bounds(tiny_model, options, low, high, monkeypatch):
+    # accelerate()'s own probe at 10 tokens, not 50: bf16 autocast is emulated on a CPU without
+    # bf16 instructions (~110 s at 50 on an AVX2 EPYC); the deviation is judged below, at 30
+    monkeypatch.setattr(s3gen_fast, "PROBE_TOKENS", 10)
     exact = mel(tiny_model)
     report = accelerate(tiny_model, t3=False, **options)
     try:
