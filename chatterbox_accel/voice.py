@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import inspect
 import logging
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -138,25 +139,29 @@ class Voice:
 
 
 class VoiceCache:
-    """LRU of `Voice`s keyed by (audio SHA-256, extra options)."""
+    """LRU of `Voice`s keyed by (audio SHA-256, extra options). Thread-safe; `lock` also
+    serialises a miss's computation with the read of what it produced (see below)."""
 
     def __init__(self, size: int = 16):
         self.size = size
         self.entries: OrderedDict = OrderedDict()
         self.hits = self.misses = 0
+        self.lock = threading.RLock()
 
     def get(self, key) -> Voice | None:
-        voice = self.entries.get(key)
-        if voice is not None:
-            self.entries.move_to_end(key)
-            self.hits += 1
-        return voice
+        with self.lock:
+            voice = self.entries.get(key)
+            if voice is not None:
+                self.entries.move_to_end(key)
+                self.hits += 1
+            return voice
 
     def put(self, key, voice: Voice) -> None:
-        self.entries[key] = voice
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+        with self.lock:
+            self.entries[key] = voice
+            self.entries.move_to_end(key)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
 
 
 class CachedPrepareConditionals:
@@ -172,12 +177,15 @@ class CachedPrepareConditionals:
             return wrapped(*args, **kwargs)  # arguments the original does not take: its own error
         path = check_reference_audio(wav_fpath, instance)
         key = (file_sha256(path), tuple(sorted(extra.items())))
-        voice = self.cache.get(key)
-        if voice is None:
-            self.cache.misses += 1
-            wrapped(str(path), exaggeration=exaggeration, **extra)
-            self.cache.put(key, Voice.from_conds(instance.conds))
-            return None
+        # Under the cache's lock: two threads preparing different voices on one model would
+        # otherwise interleave, and a miss could store the other thread's conds under its key.
+        with self.cache.lock:
+            voice = self.cache.get(key)
+            if voice is None:
+                self.cache.misses += 1
+                wrapped(str(path), exaggeration=exaggeration, **extra)
+                self.cache.put(key, Voice.from_conds(instance.conds))
+                return None
         instance.conds = voice.conditionals(exaggeration, instance.device)
         return None
 

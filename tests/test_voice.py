@@ -122,3 +122,35 @@ def test_restore_removes_the_cache(tiny_model):
     assert "prepare_conditionals" in tiny_model.__dict__
     restore(tiny_model)
     assert "prepare_conditionals" not in tiny_model.__dict__
+
+
+def test_concurrent_misses_cache_each_voice_under_its_own_key(tmp_path):
+    """Two threads preparing different voices on one model: without the cache's lock, a miss
+    read `instance.conds` after the other thread's call had set it, and kept voice B under voice
+    A's hash for good (the interleaving is forced here with a slow original)."""
+    import threading
+    import time
+    import types
+
+    from chatterbox_accel.voice import CachedPrepareConditionals, VoiceCache, file_sha256
+
+    paths = [write_voice(tmp_path / f"v{i}.wav", 1.5, seed=i) for i in range(2)]
+    model = types.SimpleNamespace(conds=None, device="cpu")
+
+    def original(wav_fpath, exaggeration=0.5):  # upstream's prepare_conditionals sets conds, then returns
+        marker = torch.full((1, 1), float(str(wav_fpath).endswith("v1.wav")))
+        model.conds = types.SimpleNamespace(t3=types.SimpleNamespace(speaker_emb=marker, cond_prompt_speech_tokens=marker),
+                                            gen={})
+        time.sleep(0.3)  # the window between its assignment and the wrapper's read, widened
+
+    cache = VoiceCache()
+    wrapper = CachedPrepareConditionals(cache)
+    threads = [threading.Thread(target=wrapper, args=(original, model, (str(p),), {})) for p in paths]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    for i, path in enumerate(paths):
+        (voice,) = [v for k, v in cache.entries.items() if k[0] == file_sha256(path)]
+        assert voice.speaker_emb.item() == i
