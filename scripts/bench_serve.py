@@ -143,6 +143,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=8, help="requests per level (at least the concurrency)")
     ap.add_argument("--patterns", default="sentence,paragraph")
     ap.add_argument("--seconds", type=float, default=3.0, help="audio per sentence (sets the checkpoint's stop)")
+    ap.add_argument("--voice-seconds", type=float, default=3.0,
+                    help="the built-in voice's length (S3Gen re-reads it for every chunk; chatterbox's is 10 s)")
     ap.add_argument("--checkpoint", help="a checkpoint folder (default: a random-weight one, written once)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer T3 (a smoke run, not a measurement)")
     ap.add_argument("--max-batch", type=int, default=8)
@@ -164,10 +166,10 @@ def main() -> int:
     from chatterbox_accel.server.launch import TINY_FACTORY, start_server
 
     stop = stop_after_for(args.seconds)
-    folder = Path(args.checkpoint) if args.checkpoint else _cache_dir() / f"english-stop{stop}"
+    folder = Path(args.checkpoint) if args.checkpoint else _cache_dir() / f"english-stop{stop}-voice{args.voice_seconds:g}"
     if not args.checkpoint:
         print(f"checkpoint {folder} (random weights, T3 stops after ~{stop} tokens)", file=sys.stderr)
-        write_english_checkpoint(folder, stop_after=stop)
+        write_english_checkpoint(folder, stop_after=stop, voice_seconds=args.voice_seconds)
     extra = [x for o in args.option for x in ("--option", o)]
     with tempfile.TemporaryDirectory() as work:
         print("starting the server ...", file=sys.stderr)
@@ -198,6 +200,7 @@ def main() -> int:
             scaling[pattern] = round(by_c[max(by_c)]["audio_s_per_wall_s"] / by_c[1]["audio_s_per_wall_s"], 2)
     summary = {"bench": "serve", "hardware": hardware(), "versions": versions(), "model": "english",
                "t3": "tiny (2 layers)" if args.tiny else "full size, random weights", "checkpoint_stop_after": stop,
+               "voice_seconds": None if args.checkpoint else args.voice_seconds,
                "max_batch": args.max_batch, "options": args.option, "date": time.strftime("%Y-%m-%d"),
                "throughput_scaling_max_vs_1": scaling, "engine_first_chunk_s": baseline, "levels": rows}
     c1 = next((r for r in rows if r["pattern"] == "sentence" and r["concurrency"] == 1), None)
