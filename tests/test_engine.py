@@ -235,3 +235,15 @@ def test_a_long_text_is_split_decoded_in_parallel_and_joined_in_order(model):
         expected.append(audio)
     torch.testing.assert_close(torch.cat([c.audio for c in chunks]), torch.cat(expected), rtol=0, atol=0)
     assert done.usage.speech_tokens == sum(u.speech_tokens for _, u in alone)
+
+
+def test_chunks_grow_after_the_first():
+    """Each chunk re-runs S3Gen over the voice and context: later chunks double (to 100 tokens)."""
+    from chatterbox_accel.engine.requests import chunk_target
+
+    growing = SpeechRequest("Hi.")
+    assert [chunk_target(growing, i) for i in range(6)] == [12, 25, 50, 100, 100, 100]
+    fixed = SpeechRequest("Hi.", max_chunk_size=None)
+    assert [chunk_target(fixed, i) for i in range(3)] == [12, 25, 25]
+    with pytest.raises(ValueError, match="max_chunk_size"):
+        SpeechRequest("Hi.", max_chunk_size=0)

@@ -10,7 +10,7 @@ One thread (the engine's loop) alone touches the model: it admits submitted requ
 runner's T3 decoder of `max_batch` slots (its KV cache reserved at start for the longest request
 it admits), steps every decoding request together, and turns each request's new speech tokens
 into audio chunks as its stream schedule fills (`S3GenStreamer`: a small first chunk, then
-`chunk_size` tokens each). Callers only submit, read events and cancel.
+`chunk_size` tokens, doubling up to `max_chunk_size`). Callers only submit, read events and cancel.
 
 - Admission: `submit` refuses past `max_batch + max_queue` requests in flight with `EngineBusy`
   (a server's 429), and a request whose prompt plus `max_new_tokens` cannot fit the reserved
@@ -40,7 +40,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .split import MAX_CHARS, JoinedHandle, split_text
-from .requests import AudioChunk, Done, EngineBusy, EngineClosed, Failed, Handle, SpeechRequest, Usage
+from .requests import (AudioChunk, Done, EngineBusy, EngineClosed, Failed, Handle, SpeechRequest, Usage,
+                       chunk_target)
 from .voices import VoiceRegistry
 
 logger = logging.getLogger(__name__)
@@ -333,7 +334,7 @@ class Engine:
             return False
         stream.pending += clean_tokens(self.runner, ids)
         stream.tokens += len(ids)
-        target = stream.request.first_chunk_size if stream.chunks == 0 else stream.request.chunk_size
+        target = chunk_target(stream.request, stream.chunks)
         if not finished and len(stream.pending) < target:
             return True
         try:
