@@ -137,7 +137,12 @@ def accelerate(model, config: AccelConfig | None = None, **options) -> AccelRepo
                     report.s3gen_kernel = note
                 else:
                     report.fallbacks["s3gen.kernel"] = note
-        if cfg.s3gen_modes.active:
+        s3gen_device = str(_model_device(model).type)
+        if cfg.s3gen_dtype == "auto" and cfg.resolved_s3gen_dtype(s3gen_device) == "float32":
+            report.fallbacks["s3gen.dtype"] = ("s3gen_dtype='auto': float32, since this device has no native "
+                                               "bfloat16 (CPU: no avx512_bf16 or amx_bf16), where bf16 would be "
+                                               "emulated and slower")
+        if cfg.s3gen_modes_on(s3gen_device).active:
             why = None if cfg.check else versions.chatterbox_reason("the S3Gen fast modes")
             if why:
                 report.fallbacks["s3gen.modes"] = f"{why}; they run only behind their probe (check=True)"
@@ -374,7 +379,7 @@ def _install_s3gen_modes(model, cfg: AccelConfig, report: AccelReport, registry)
     from .patching import PatchRegistry
     from .s3gen_fast import MEL_LIMIT, MelCheck, compare_mels, install, mel_probe, probe_ref
 
-    modes = cfg.s3gen_modes
+    modes = cfg.s3gen_modes_on(str(_model_device(model).type))
     names = ", ".join(modes.names())
     voice = getattr(getattr(model, "conds", None), "gen", None) or getattr(model, "ref_dict", None)  # VC: ref_dict
     if cfg.check and voice is None:

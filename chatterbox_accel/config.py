@@ -100,7 +100,7 @@ class AccelConfig:
         from .t3.kernels import PRECISIONS, candidates  # here, not at import: importing the package loads no torch
 
         _choice("precision", self.precision, PRECISIONS)
-        _choice("s3gen_dtype", self.s3gen_dtype, ("float32", "bfloat16"))
+        _choice("s3gen_dtype", self.s3gen_dtype, ("float32", "bfloat16", "auto"))
         _choice("s3gen_kernel", self.s3gen_kernel, ("batch", "plain", "onednn", "auto"))
         _choice("preset", self.preset, tuple(PRESETS))
         bundle = PRESETS[self.preset]
@@ -158,10 +158,22 @@ class AccelConfig:
 
     @property
     def s3gen_modes(self):
+        """The S3Gen modes asked for (`s3gen_dtype="auto"` counted as bfloat16; see modes_on)."""
+        return self.s3gen_modes_on("cuda")
+
+    def s3gen_modes_on(self, device_type: str):
+        """The S3Gen modes for a device: `s3gen_dtype="auto"` is bfloat16 where the device computes
+        it natively (CUDA; CPUs with AVX512-BF16 or AMX-BF16), float32 elsewhere: emulated bf16
+        on an AVX2 CPU made the estimator ~2x slower, the opposite of what a fast preset is for."""
         from .s3gen_fast import S3GenModes
 
         return S3GenModes(steps=self.s3gen_steps, cfg=self.s3gen_cfg, prompt_seconds=self.s3gen_prompt_seconds,
-                          dtype=self.s3gen_dtype)
+                          dtype=self.resolved_s3gen_dtype(device_type))
+
+    def resolved_s3gen_dtype(self, device_type: str) -> str:
+        if self.s3gen_dtype != "auto":
+            return self.s3gen_dtype
+        return "bfloat16" if native_bf16(device_type) else "float32"
 
     def resolved_tolerance(self) -> float:
         if self.check_tolerance is not None:
@@ -190,8 +202,19 @@ class AccelConfig:
 # Intel Xeon (AMX), see README "Presets"; every part of it changes the output and is checked.
 PRESETS = {
     "exact": {},
-    "fast": {"precision": "int8", "s3gen_steps": 5, "s3gen_cfg": False, "s3gen_dtype": "bfloat16"},
+    "fast": {"precision": "int8", "s3gen_steps": 5, "s3gen_cfg": False, "s3gen_dtype": "auto"},
 }
+
+
+def native_bf16(device_type: str) -> bool:
+    """Does the device compute bfloat16 natively (not emulated in float32)?"""
+    if device_type == "cuda":
+        return True
+    if device_type != "cpu":
+        return False
+    from .t3.kernels import cpu_features
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_features())
 
 
 def _choice(name, value, allowed):

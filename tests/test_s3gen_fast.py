@@ -129,6 +129,20 @@ def test_presets_and_explicit_options():
     assert fast.precision == "int8" and fast.s3gen_modes.active
     assert AccelConfig.from_options(preset="fast", s3gen_steps=8, precision="float32").s3gen_steps == 8
     assert not AccelConfig.from_options().s3gen_modes.active  # exact: nothing that changes the output
+    # the preset's bf16 estimator only where bf16 is native: the rule, on both kinds of CPU
+    assert fast.s3gen_dtype == "auto" and fast.s3gen_modes_on("cuda").dtype == "bfloat16"
+    from chatterbox_accel import config as config_module
+    from chatterbox_accel.t3 import kernels
+
+    for flags, want in (({"avx2", "fma"}, "float32"), ({"avx2", "avx512_bf16"}, "bfloat16"), ({"amx_bf16"}, "bfloat16")):
+        original = kernels.cpu_features
+        kernels.cpu_features = lambda flags=flags: flags
+        try:
+            assert fast.s3gen_modes_on("cpu").dtype == want, flags
+            assert config_module.native_bf16("cpu") == (want == "bfloat16")
+        finally:
+            kernels.cpu_features = original
+    assert AccelConfig.from_options(preset="fast", s3gen_dtype="bfloat16").s3gen_modes_on("cpu").dtype == "bfloat16"
     with pytest.raises(ValueError, match="preset='quick' is not valid"):
         AccelConfig.from_options(preset="quick")
     with pytest.raises(ValueError, match="s3gen_prompt_seconds=0.5"):
