@@ -215,7 +215,10 @@ def test_disconnect_frees_the_slot_and_health_stays_fast(server):
             start = time.perf_counter()
             assert httpx.get(f"{server.url}/health").status_code == 200
             timings.append(time.perf_counter() - start)
-        assert sorted(timings)[2] < 0.05, timings  # the event loop never waits on the model
+        # The event loop never waits on the model: a blocked loop would take an S3Gen pass
+        # (seconds). The figure itself is the machine's (38-84 ms on a busy 2-core AVX2 EPYC,
+        # where the engine's thread and torch use both cores): measured, not asserted.
+        assert sorted(timings)[2] < 0.25 and max(timings) < 1.0, timings
     deadline = time.time() + 30  # the client went away: every piece's slot frees at a step boundary
     while time.time() < deadline and (metric(server, "chatterbox_running_requests") or
                                       metric(server, "chatterbox_open_responses")):
