@@ -179,4 +179,17 @@ def json_line(summary: dict) -> str:
     return json.dumps(summary, sort_keys=False)
 
 
-__all__ = ["bench_t3", "T3BenchResult", "hardware", "versions", "json_line", "report_summary"]
+def emit(summary: dict, out: str | None = "", append: bool = False) -> None:
+    """A benchmark's result as one JSON line, last on stdout, and into `out` when given (a new
+    file, or appended to with `append`)."""
+    from pathlib import Path
+
+    line = json_line(summary)
+    print(line)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a" if append else "w") as f:
+            f.write(line + "\n")
+
+
+__all__ = ["bench_t3", "T3BenchResult", "hardware", "versions", "json_line", "emit", "report_summary"]

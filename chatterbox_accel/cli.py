@@ -643,6 +643,16 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("CHATTERBOX_ACCEL_CACHE") or "~/.cache/chatterbox_accel").expanduser()
 
 
+def _random_english(stop_after: int, voice_seconds: float) -> Path:
+    """A random-weight English checkpoint in the cache, written once (the demo's and the server
+    benchmarks'): T3 stops after ~stop_after tokens; a voice_seconds built-in voice."""
+    from .checkpoints import write_english_checkpoint
+
+    folder = _cache_dir() / f"english-stop{stop_after}-voice{voice_seconds:g}"
+    write_english_checkpoint(folder, stop_after=stop_after, voice_seconds=voice_seconds)  # no-op when there
+    return folder
+
+
 def _write_audio(path: Path, wav, sr: int) -> None:
     import soundfile
 

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from chatterbox_accel import accelerate  # noqa: E402
 from chatterbox_accel.api import runner_of  # noqa: E402
-from chatterbox_accel.benchmark import hardware, json_line, report_summary, versions  # noqa: E402
+from chatterbox_accel.benchmark import emit, hardware, report_summary, versions  # noqa: E402
 from chatterbox_accel.checkpoints import (synthetic_voice, write_english_checkpoint,  # noqa: E402
                                           write_turbo_checkpoint)
 from chatterbox_accel.families import FAMILIES  # noqa: E402
@@ -243,15 +243,6 @@ def main():
                    s3gen_kernel=report.s3gen_kernel or report.fallbacks.get("s3gen.kernel"), rows=rows, ratios=ratios,
                    ran=report_summary(report, runner_of(model)))
     emit(summary, args.out)
-
-
-def emit(summary: dict, out: str = "") -> None:
-    """The result as one JSON line, last on stdout, and into `out` when given."""
-    line = json_line(summary)
-    print(line)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(line + "\n")
 
 
 if __name__ == "__main__":

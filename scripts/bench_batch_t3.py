@@ -25,12 +25,12 @@ import torch  # noqa: E402
 
 from chatterbox_accel import accelerate  # noqa: E402
 from chatterbox_accel.api import runner_of  # noqa: E402
-from chatterbox_accel.benchmark import hardware, versions  # noqa: E402
+from chatterbox_accel.benchmark import emit, hardware, versions  # noqa: E402
 from chatterbox_accel.checkpoints import write_english_checkpoint  # noqa: E402
 from chatterbox_accel.families import generate_options  # noqa: E402
 from chatterbox_accel.stream import text_tokens_for  # noqa: E402
 
-from bench_batch import TEXTS, emit  # noqa: E402
+from bench_batch import TEXTS  # noqa: E402
 
 
 def main():

@@ -159,17 +159,15 @@ def main() -> int:
     if set(patterns) - {"sentence", "paragraph"}:
         ap.error("--patterns takes sentence and/or paragraph")
 
-    from chatterbox_accel.benchmark import hardware, versions
-    from chatterbox_accel.checkpoints import write_english_checkpoint
-    from chatterbox_accel.cli import _cache_dir
+    from chatterbox_accel.benchmark import emit, hardware, versions
+    from chatterbox_accel.cli import _random_english
     from chatterbox_accel.e2e import stop_after_for
     from chatterbox_accel.server.launch import TINY_FACTORY, start_server
 
     stop = stop_after_for(args.seconds)
-    folder = Path(args.checkpoint) if args.checkpoint else _cache_dir() / f"english-stop{stop}-voice{args.voice_seconds:g}"
-    if not args.checkpoint:
-        print(f"checkpoint {folder} (random weights, T3 stops after ~{stop} tokens)", file=sys.stderr)
-        write_english_checkpoint(folder, stop_after=stop, voice_seconds=args.voice_seconds)
+    folder = Path(args.checkpoint) if args.checkpoint else _random_english(stop, args.voice_seconds)
+    print(f"checkpoint {folder}" + ("" if args.checkpoint else f" (random weights, T3 stops after ~{stop} tokens)"),
+          file=sys.stderr)
     extra = [x for o in args.option for x in ("--option", o)]
     with tempfile.TemporaryDirectory() as work:
         print("starting the server ...", file=sys.stderr)
@@ -208,11 +206,7 @@ def main() -> int:
         summary["first_audio_c1_vs_engine"] = round(c1["first_audio_p50_s"] / baseline, 3)
         print(f"time to first audio at concurrency 1: {c1['first_audio_p50_s']:.2f} s over HTTP, "
               f"{baseline:.2f} s from the engine in process ({summary['first_audio_c1_vs_engine']:.2f}x)")
-    line = json.dumps(summary)
-    print(line)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    emit(summary, args.out, append=True)
     return 0
 
 

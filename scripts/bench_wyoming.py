@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -73,16 +72,13 @@ def main() -> int:
     ap.add_argument("--out", help="also append the JSON line to this file")
     args = ap.parse_args()
 
-    from chatterbox_accel.benchmark import hardware, versions
-    from chatterbox_accel.checkpoints import write_english_checkpoint
-    from chatterbox_accel.cli import _cache_dir
+    from chatterbox_accel.benchmark import emit, hardware, versions
+    from chatterbox_accel.cli import _random_english
     from chatterbox_accel.e2e import stop_after_for
     from chatterbox_accel.server.launch import TINY_FACTORY, free_port, start_server
 
     stop = stop_after_for(args.seconds)
-    folder = Path(args.checkpoint) if args.checkpoint else _cache_dir() / f"english-stop{stop}-voice{args.voice_seconds:g}"
-    if not args.checkpoint:
-        write_english_checkpoint(folder, stop_after=stop, voice_seconds=args.voice_seconds)
+    folder = Path(args.checkpoint) if args.checkpoint else _random_english(stop, args.voice_seconds)
     port = free_port()
     with tempfile.TemporaryDirectory() as work:
         server = start_server(folder, Path(work), factory=TINY_FACTORY if args.tiny else None,
@@ -102,16 +98,12 @@ def main() -> int:
     print(f"{'route':40s} {'median':>8s}  runs")
     print(f"{'HTTP /v1/audio/speech, first byte':40s} {h:7.2f}s  {', '.join(f'{x:.2f}' for x in http)}")
     print(f"{'Wyoming, sentence complete -> first chunk':40s} {w:7.2f}s  {', '.join(f'{x:.2f}' for x in wyoming)}")
-    line = json.dumps({"bench": "wyoming", "hardware": hardware(), "versions": versions(),
+    emit({"bench": "wyoming", "hardware": hardware(), "versions": versions(),
                        "t3": "tiny (2 layers)" if args.tiny else "full size, random weights",
                        "checkpoint_stop_after": stop, "voice_seconds": args.voice_seconds, "sentence": SENTENCE,
                        "http_first_byte_s": [round(x, 3) for x in http], "wyoming_first_chunk_s": [round(x, 3) for x in wyoming],
                        "median_http_s": round(h, 3), "median_wyoming_s": round(w, 3), "ratio": round(w / h, 3),
-                       "date": time.strftime("%Y-%m-%d")})
-    print(line)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+                       "date": time.strftime("%Y-%m-%d")}, args.out, append=True)
     return 0
 
 

@@ -63,13 +63,12 @@ def main() -> int:
     ap.add_argument("--chart", default="chatterbox_accel_demo.png")
     args = ap.parse_args()
 
-    from chatterbox_accel.checkpoints import write_english_checkpoint
-    from chatterbox_accel.cli import _cache_dir, _load
+    from chatterbox_accel.cli import _load, _random_english
 
     stop = stop_after_for(args.seconds)
-    folder = _cache_dir() / f"english-stop{stop}-voice{args.voice_seconds:g}"
-    say(f"checkpoint {folder} (random weights, full size; T3 stops after ~{stop} tokens = {args.seconds:g} s)")
-    write_english_checkpoint(folder, stop_after=stop, voice_seconds=args.voice_seconds)
+    say(f"random-weight checkpoint, full size; T3 stops after ~{stop} tokens = {args.seconds:g} s (written once)")
+    folder = _random_english(stop, args.voice_seconds)
+    say(f"checkpoint {folder}")
     model = _load("english", str(folder), "cpu")
     text = text_for_seconds(args.seconds)
     rows, facts = [], {}

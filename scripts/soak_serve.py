@@ -91,14 +91,12 @@ def main() -> int:
     import httpx
     import soundfile as sf
 
-    from chatterbox_accel.benchmark import hardware, versions
-    from chatterbox_accel.checkpoints import synthetic_voice, write_english_checkpoint
-    from chatterbox_accel.cli import _cache_dir
+    from chatterbox_accel.benchmark import emit, hardware, versions
+    from chatterbox_accel.checkpoints import synthetic_voice
+    from chatterbox_accel.cli import _random_english
     from chatterbox_accel.server.launch import TINY_FACTORY, start_server
 
-    folder = Path(args.checkpoint) if args.checkpoint else _cache_dir() / "english-stop25-voice3"
-    if not args.checkpoint:
-        write_english_checkpoint(folder, stop_after=25, voice_seconds=3)
+    folder = Path(args.checkpoint) if args.checkpoint else _random_english(25, 3)
     with tempfile.TemporaryDirectory() as work:
         server = start_server(folder, Path(work), factory=TINY_FACTORY if args.tiny else None, max_batch=8,
                               max_queue=64)
@@ -123,11 +121,7 @@ def main() -> int:
                "statuses": result["statuses"], "errors_5xx_or_transport": errors_5xx,
                "rss_mb_after_warmup": base, "rss_mb_last": rss[-1], "rss_mb_max": max(rss),
                "rss_growth_mb": rss[-1] - base, "date": time.strftime("%Y-%m-%d"), "samples": result["samples"]}
-    line = json.dumps(summary)
-    print(line)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    emit(summary, args.out, append=True)
     return 0
 
 

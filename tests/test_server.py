@@ -236,7 +236,7 @@ def test_metrics_count_what_happened(server):
 
 def test_ready_and_no_5xx(server):
     assert httpx.get(f"{server.url}/ready").json()["status"] == "ready"
-    assert not any(f'status="5' in line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+    assert not any('status="5' in line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
                    if line.startswith("chatterbox_requests_total"))
 
 

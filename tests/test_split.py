@@ -38,3 +38,15 @@ def test_short_lines_join_with_a_period_and_tags_stay_whole():
 def test_limits_are_validated():
     with pytest.raises(ValueError, match="max_chars"):
         split_text("Hello.", max_chars=5)
+
+
+def test_complete_prefix_of_text_still_being_written():
+    """What a streamed text (Wyoming) may submit now: complete sentences only, wherever the
+    raw spacing differs from the sentences' (a double space after "Dr." once raised there)."""
+    from chatterbox_accel.engine.split import complete_prefix
+
+    for text, done in [("Dr.  Smith is here. And so", "Dr.  Smith is here. "), ("Hello there. This is ", "Hello there. "),
+                       ("Hello there. ", "Hello there. "), ("Hello", ""), ("Line one\nLine", "Line one\n"),
+                       ("你好。世界", "你好。"), ('He said "Hi." Then', 'He said "Hi." '), ("J. Smith came", "")]:
+        assert text[:complete_prefix(text)] == done, text
+    assert sentences("Dr.  Smith is here. ") == ["Dr. Smith is here."]

@@ -30,8 +30,11 @@ FADE_SECONDS = 0.01   # fade-out at the end of a piece (its last chunk) so the p
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "no", "fig",
                   "inc", "ltd", "co", "mt", "approx", "dept", "est", "vol", "jan", "feb", "mar", "apr", "jun",
                   "jul", "aug", "sep", "sept", "oct", "nov", "dec", "u.s", "a.m", "p.m"}
+_END_MARKS = ".!?…"
+_CJK_END_MARKS = "。！？"
+_CLOSERS = "\"'”’)]"
 # a sentence ends at . ! ? … (then closing quotes/brackets) followed by space, or at CJK 。！？
-_SENTENCE_END = re.compile(r"(?<=[.!?…][\"'”’)\]])\s+|(?<=[.!?…])\s+|(?<=[。！？])")
+_SENTENCE_END = re.compile(rf"(?<=[{_END_MARKS}][{re.escape(_CLOSERS)}])\s+|(?<=[{_END_MARKS}])\s+|(?<=[{_CJK_END_MARKS}])")
 _LINE = re.compile(r"\s*\n\s*")
 _BULLET = re.compile(r"^(?:[-*•#]+|\d+[.)])\s+")
 _CLAUSE = re.compile(r"(?<=[,;:，；：、—])\s*")
@@ -41,6 +44,23 @@ def _ends_with_abbreviation(sentence: str) -> bool:
     word = sentence.rstrip().rstrip(".").rsplit(None, 1)[-1].lower() if sentence.strip() else ""
     word = word.lstrip("(\"'“‘")
     return word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha())  # "J. Smith"
+
+
+def _is_boundary(text: str, at: int) -> bool:
+    """Is a sentence-end match before `at` a real end (not "Dr." or the "J." of "J. Smith")?"""
+    before = text[:at].rstrip()
+    return not (before.endswith(".") and _ends_with_abbreviation(before))
+
+
+def complete_prefix(text: str) -> int:
+    """How much of a text still being written holds only complete sentences: the index just past
+    its last sentence end or line break (0: none yet). For text that streams in (Wyoming)."""
+    end = 0
+    for match in _SENTENCE_END.finditer(text):
+        if _is_boundary(text, match.start()):
+            end = match.end()
+    newline = text.rfind("\n")
+    return max(end, newline + 1)
 
 
 def sentences(text: str) -> list[str]:
@@ -53,7 +73,7 @@ def sentences(text: str) -> list[str]:
         parts = [p for p in _SENTENCE_END.split(line) if p and p.strip()]
         merged: list[str] = []
         for part in parts:
-            if merged and _ends_with_abbreviation(merged[-1]) and merged[-1].rstrip().endswith("."):
+            if merged and not _is_boundary(merged[-1], len(merged[-1])):
                 merged[-1] = f"{merged[-1]} {part.strip()}"
             else:
                 merged.append(part.strip())
@@ -99,9 +119,9 @@ def split_text(text: str, max_chars: int = MAX_CHARS, first_chars: int = FIRST_C
 def _join(left: str, right: str) -> str:
     """Two sentences in one piece: a line without an end mark (a heading, a bullet) gets a
     period, so T3 pauses there; CJK sentences join without a space."""
-    if left[-1] in "。！？":
+    if left[-1] in _CJK_END_MARKS:
         return left + right
-    if left[-1] not in ".!?…\"'”’)]:;":
+    if left[-1] not in _END_MARKS + _CLOSERS + ":;":
         left += "."
     return f"{left} {right}"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..voice import TURBO_MIN_SECONDS, Voice, check_reference_audio  # noqa: F401 (re-exported)
+from ..voice import Voice, check_reference_audio
 
 DEFAULT = "default"  # the model's built-in voice
 

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import AudioChunk, Done, EngineBusy, EngineClosed, Failed, SpeechRequest
 from ..engine.voices import DEFAULT
-from .encode import FORMATS, Encoder
+from .encode import Encoder
 from .metrics import Metrics, Playback
 
 logger = logging.getLogger(__name__)
@@ -312,11 +312,11 @@ async def _events(handle, first, encoder, deadline, submitted, metrics, sample_r
         while True:
             if isinstance(event, AudioChunk):
                 now = time.perf_counter() - submitted
-                playback.chunk(now, event.audio.numel())
-                if playback.intervals:
-                    metrics.interval.observe(playback.intervals[-1])
-                else:
+                interval = playback.chunk(now, event.audio.numel())
+                if interval is None:
                     metrics.first_audio.observe(now)
+                else:
+                    metrics.interval.observe(interval)
                 data = await asyncio.to_thread(encoder.encode, event.audio.numpy())
                 if data:
                     yield _sse_delta(data) if sse else data
@@ -385,12 +385,14 @@ def _failure(error: BaseException) -> ApiError:
 
 
 def _store_voice(engine, name: str, data: bytes, target: Path) -> None:
-    """Write an upload next to its final name, check it as a reference, then move it in."""
+    """Write an upload next to its final name, check it as a reference (readable audio, long
+    enough; Turbo > 5 s), only then move it in and register it."""
+    from ..voice import check_reference_audio
+
     tmp = target.with_name(f".upload-{name}{target.suffix}")
     tmp.write_bytes(data)
     try:
-        engine.voices.add(name, tmp)      # validates: readable audio, long enough (Turbo > 5 s)
-        engine.voices.remove(name)
+        check_reference_audio(tmp, engine.model)
         shutil.move(str(tmp), target)
         engine.voices.add(name, target)
     finally:

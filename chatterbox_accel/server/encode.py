@@ -47,8 +47,9 @@ class _Sink:
         return data
 
 
-def _pcm16(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+def pcm16(samples: np.ndarray) -> np.ndarray:
+    """float32 samples -> 16-bit little-endian PCM (clipped to [-1, 1])."""
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2")
 
 
 def wav_header(sample_rate: int) -> bytes:
@@ -113,7 +114,7 @@ class Encoder:
         samples = np.ascontiguousarray(np.asarray(samples, dtype=np.float32).reshape(-1))
         header, self._header = self._header, b""
         if self._container is None:
-            return header + _pcm16(samples)
+            return header + pcm16(samples).tobytes()
         if samples.size:
             self._mux(self._frames(samples))
         return header + self._sink.take()

@@ -59,14 +59,17 @@ class Playback:
         self.last: float | None = None
         self.played = 0                   # samples before the current chunk
         self.underrun = 0.0
-        self.intervals: list[float] = []
 
-    def chunk(self, at: float, samples: int) -> None:
+    def chunk(self, at: float, samples: int) -> float | None:
+        """Record a chunk arriving `at` s after submit; returns the interval since the last one
+        (None for the first)."""
+        interval = None
         if self.first is None:
             self.first = at
         else:
-            self.intervals.append(at - self.last)
+            interval = at - self.last
             due = self.first + self.played / self.sample_rate  # when a player would need it
             self.underrun = max(self.underrun, at - due)
         self.last = at
         self.played += samples
+        return interval

@@ -18,20 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 
 import numpy as np
 
 from ..engine import AudioChunk as EngineChunk
 from ..engine import Done, EngineBusy, Failed, SpeechRequest
-from ..engine.split import sentences
+from ..engine.split import complete_prefix, sentences
 from ..engine.voices import DEFAULT
+from .encode import pcm16
 
 logger = logging.getLogger(__name__)
 
 SAMPLES_PER_CHUNK = 2048   # 1024-4096 as Home Assistant's satellites expect; ~85 ms at 24 kHz
 MAX_STREAM_TEXT = 16384    # characters buffered in one streamed synthesis
-_COMPLETE = re.compile(r"[.!?…。！？][\"'”’)\]]*\s+$|\n\s*$")
 
 
 def info_event(engine, version: str = "0.1.0"):
@@ -96,8 +95,7 @@ class _Sender:
                 return False
             async for event in handle:
                 if isinstance(event, EngineChunk):
-                    pcm = (event.audio.clamp(-1, 1).numpy() * 32767.0).round().astype("<i2")
-                    await self._send(pcm)
+                    await self._send(pcm16(event.audio.numpy()))
                 elif isinstance(event, Failed):
                     self.failed = True
                     await self.handler.write_event(Error(text=str(event.error).strip("'\""),
@@ -159,18 +157,9 @@ def handler_factory(engine, samples_per_chunk: int = SAMPLES_PER_CHUNK):
             """Submit the buffer's complete sentences (all of it when final)."""
             stream = self.stream
             text = stream["buffer"]
-            parts = sentences(text)
-            if not parts:
-                return
-            if not final and not _COMPLETE.search(text):
-                parts = parts[:-1]           # the last sentence is still being written
-                if not parts:
-                    return
-                consumed = text.rindex(parts[-1]) + len(parts[-1])
-                stream["buffer"] = text[consumed:]
-            else:
-                stream["buffer"] = ""
-            for sentence in parts:
+            cut = len(text) if final else complete_prefix(text)
+            stream["buffer"] = text[cut:]   # the sentence still being written, if any
+            for sentence in sentences(text[:cut]):
                 seed = None if stream["seed"] is None else stream["seed"] + stream["pieces"]
                 stream["pieces"] += 1
                 self._submit(stream["sender"], sentence, stream["voice"], seed)
