@@ -1,6 +1,6 @@
 """Incremental audio encoders: float32 chunks in, bytes of a streamable file out, chunk by chunk.
 
-    encoder = Encoder("mp3", 24000)
+    encoder = Encoder("mp3", 24000)       # speed=1.25: time-stretched first (pitch kept)
     for chunk in chunks:                 # 1-D float32 numpy arrays at 24 kHz
         send(encoder.encode(chunk))      # may be b"" while the codec buffers
     send(encoder.close())                # what the codec and the container still hold
@@ -60,11 +60,68 @@ def wav_header(sample_rate: int) -> bytes:
             b"data" + struct.pack("<I", unknown))
 
 
+class Tempo:
+    """Speed without a pitch change, streaming: FFmpeg's `atempo` (WSOLA time-stretch) in a PyAV
+    filter graph, chained where the speed is outside one stage's 0.5-2.0 (0.25 = 0.5 x 0.5).
+    float32 mono chunks in, float32 mono chunks out (about len / speed samples in all)."""
+
+    def __init__(self, speed: float, sample_rate: int):
+        import av
+
+        if not 0.25 <= speed <= 4.0:
+            raise ValueError(f"speed {speed} is out of range; use 0.25 to 4.0")
+        self.sample_rate, self._pts = sample_rate, 0
+        stages, rest = [], float(speed)
+        while rest < 0.5:
+            stages.append(0.5)
+            rest /= 0.5
+        while rest > 2.0:
+            stages.append(2.0)
+            rest /= 2.0
+        stages.append(rest)
+        self._graph = av.filter.Graph()
+        node = self._graph.add_abuffer(format="flt", sample_rate=sample_rate, layout="mono")
+        for stage in stages:
+            following = self._graph.add("atempo", f"{stage:.6f}")
+            node.link_to(following)
+            node = following
+        node.link_to(self._graph.add("abuffersink"))
+        self._graph.configure()
+
+    def _drain(self) -> np.ndarray:
+        import av
+
+        out = []
+        while True:
+            try:
+                frame = self._graph.pull()
+            except (av.error.BlockingIOError, av.error.EOFError, EOFError):
+                break
+            out.append(frame.to_ndarray().reshape(-1).astype(np.float32, copy=False))
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        import av
+
+        if not samples.size:
+            return np.zeros(0, np.float32)
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="flt", layout="mono")
+        frame.sample_rate, frame.pts = self.sample_rate, self._pts
+        self._pts += samples.size
+        self._graph.push(frame)
+        return self._drain()
+
+    def flush(self) -> np.ndarray:
+        self._graph.push(None)
+        return self._drain()
+
+
 class Encoder:
-    def __init__(self, fmt: str, sample_rate: int):
+    def __init__(self, fmt: str, sample_rate: int, speed: float = 1.0):
         if fmt not in FORMATS:
             raise ValueError(f"response_format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
         self.format, self.sample_rate = fmt, sample_rate
+        self._tempo = Tempo(speed, sample_rate) if speed != 1.0 else None
         self.media_type = MEDIA_TYPES[fmt]
         self._header = wav_header(sample_rate) if fmt == "wav" else b""
         self._container = None
@@ -112,6 +169,11 @@ class Encoder:
         if self._closed:
             raise RuntimeError("the encoder is closed")
         samples = np.ascontiguousarray(np.asarray(samples, dtype=np.float32).reshape(-1))
+        if self._tempo is not None:
+            samples = self._tempo.process(samples)
+        return self._encode(samples)
+
+    def _encode(self, samples: np.ndarray) -> bytes:
         header, self._header = self._header, b""
         if self._container is None:
             return header + pcm16(samples).tobytes()
@@ -123,8 +185,9 @@ class Encoder:
         """The rest: the codec's buffered frames, then the container's trailer."""
         if self._closed:
             return b""
+        tail = self._encode(self._tempo.flush()) if self._tempo is not None else b""
         self._closed = True
-        header, self._header = self._header, b""
+        header, self._header = tail + self._header, b""
         if self._container is None:
             return header
         self._mux(self._frames(None))   # the resampler's partial last frame (padded by the codec)
