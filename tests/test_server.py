@@ -5,6 +5,7 @@ import asyncio
 import base64
 import io
 import json
+import shutil
 import time
 
 import httpx
@@ -54,6 +55,39 @@ def test_every_format_decodes_as_what_it_claims(client, fmt, codec):
                                        "flac": "audio/flac", "wav": "audio/wav"}[fmt]
     assert rate == (48000 if fmt == "opus" else 24000)  # Opus decodes at 48 kHz by definition
     assert np.abs(samples).max() > 0
+
+
+def test_speed_time_stretches_the_same_audio(client):
+    """speed is done, not ignored: the request's audio, time-stretched by FFmpeg's atempo."""
+    from chatterbox_accel.server.encode import Tempo
+
+    _, normal = speech(client, "pcm", seed=4)
+    _, fast = speech(client, "pcm", seed=4, speed=2.0)
+    samples = np.frombuffer(normal, "<i2").astype(np.float32) / 32767
+    tempo = Tempo(2.0, 24000)  # the same stretch applied here to the speed-1.0 audio
+    expected = np.concatenate([tempo.process(samples), tempo.flush()])
+    got = np.frombuffer(fast, "<i2").astype(np.float32) / 32767
+    assert abs(got.size - samples.size / 2) < 0.02 * samples.size  # half as long
+    assert got.size == expected.size and np.abs(got - expected).max() < 1e-3  # (16-bit rounding apart)
+
+
+@pytest.mark.parametrize("speed", [0.25, 0.8, 2.0, 4.0])
+def test_tempo_keeps_pitch_and_does_not_depend_on_chunking(speed):
+    from chatterbox_accel.server.encode import Tempo
+
+    rate = 24000
+    t = np.arange(rate * 2) / rate
+    x = (0.3 * np.sin(2 * np.pi * 220 * t) + 0.02 * np.random.default_rng(0).standard_normal(t.size)).astype(np.float32)
+    whole = Tempo(speed, rate)
+    whole = np.concatenate([whole.process(x), whole.flush()])
+    chunked, out, cuts = Tempo(speed, rate), [], [0, 700, 5000, 5001, 23000, x.size]
+    for a, b in zip(cuts, cuts[1:]):
+        out.append(chunked.process(x[a:b]))
+    chunked = np.concatenate(out + [chunked.flush()])
+    assert np.array_equal(chunked, whole)  # streaming chunk sizes do not change the audio
+    assert abs(whole.size - x.size / speed) < 0.02 * x.size / speed
+    peak = np.argmax(np.abs(np.fft.rfft(whole))) * rate / whole.size
+    assert abs(peak - 220) < 3  # the pitch stays; only the time changes
 
 
 def test_pcm_is_headerless_and_matches_wav(client):
@@ -130,7 +164,7 @@ def test_concurrent_requests_get_their_alone_audio(server, client):
     ({"input": "Hi.", "voice": "nobody"}, 400, "voice"),
     ({"input": "Hi.", "temperature": -1}, 400, "temperature"),
     ({"input": "Hi.", "response_format": "ogg"}, 400, "response_format"),
-    ({"input": "Hi.", "speed": 2.0}, 400, "speed"),
+    ({"input": "Hi.", "speed": 5.0}, 400, "speed"),     # OpenAI's range: 0.25-4.0
     ({"input": "Hi.", "colour": "blue"}, 400, "colour"),
     ({"input": "Hi.", "top_k": 5}, 400, None),           # English has no top_k (Turbo's option)
     ({"input": "   "}, 400, "input"),
@@ -169,6 +203,26 @@ def test_voice_upload_list_use_delete(server, client, voice_wav):
     assert httpx.delete(f"{server.url}/v1/audio/voices/uploaded", headers=server.auth).status_code == 200
     assert not (server.voices_dir / "uploaded.wav").exists()
     assert httpx.delete(f"{server.url}/v1/audio/voices/uploaded", headers=server.auth).status_code == 404
+
+
+def test_the_voices_folder_is_the_registry(server, voice_wav):
+    """A file put in --voices by another process (another replica sharing the folder) is a voice
+    at the next request; a file removed is gone; a file that is not audio is skipped, not fatal."""
+    def listed():
+        return {v["id"] for v in httpx.get(f"{server.url}/v1/audio/voices", headers=server.auth).json()["voices"]}
+
+    shutil.copy(voice_wav, server.voices_dir / "dropped.wav")
+    (server.voices_dir / "broken.wav").write_bytes(b"not audio" * 100)
+    try:
+        assert "dropped" in listed() and "broken" not in listed()
+        body = {"model": "tts-1", "input": "Dropped in.", "voice": "dropped", "response_format": "pcm", "seed": 1}
+        assert httpx.post(f"{server.url}/v1/audio/speech", json=body, headers=server.auth, timeout=120).status_code == 200
+    finally:
+        (server.voices_dir / "dropped.wav").unlink()
+        (server.voices_dir / "broken.wav").unlink()
+    assert "dropped" not in listed()
+    r = httpx.post(f"{server.url}/v1/audio/speech", json=body, headers=server.auth, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "voice_not_found"
 
 
 @pytest.mark.parametrize("name,payload,status", [

@@ -18,9 +18,11 @@ import base64
 import hmac
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -104,16 +106,12 @@ def create_app(engine, *, voices_dir=None, api_key: str | None = None, model_nam
     else:
         voices_dir, persistent = Path(voices_dir), True
         voices_dir.mkdir(parents=True, exist_ok=True)
-        for path in sorted(voices_dir.iterdir()):
-            if path.suffix.lower() in AUDIO_SUFFIXES + (".pt",) and VOICE_NAME.match(path.stem):
-                try:
-                    engine.voices.add(path.stem, path)
-                except (ValueError, OSError) as exc:
-                    logger.warning("voice %s skipped: %s", path.name, exc)
+    folder = VoiceFolder(engine, voices_dir)
+    folder.sync()
     voice_map = dict(voice_map or {})
     limit = max_new_tokens or engine.max_new_tokens
     created: dict[str, int] = {}
-    state = {"voices_dir": voices_dir, "persistent": persistent, "metrics": metrics, "description": description}
+    state = {"voices_dir": voices_dir, "folder": folder, "persistent": persistent, "metrics": metrics, "description": description}
     app.state.chatterbox = state
 
     # ---- errors, auth ----------------------------------------------------------------------------
@@ -190,6 +188,7 @@ def create_app(engine, *, voices_dir=None, api_key: str | None = None, model_nam
 
     @app.get("/v1/audio/voices")
     async def list_voices():
+        await asyncio.to_thread(folder.sync)
         names = engine.voices.names()
         return {"voices": [{"id": n, "name": n} for n in names] +
                 [{"id": n, "name": f"{n} (-> {voice_map.get(n, DEFAULT)})"} for n in OPENAI_VOICES if n not in names]}
@@ -199,6 +198,7 @@ def create_app(engine, *, voices_dir=None, api_key: str | None = None, model_nam
         if not VOICE_NAME.match(name) or name == DEFAULT or name in OPENAI_VOICES:
             raise ApiError(400, f"voice name {name!r} is not usable: 1-64 letters, digits, '_' or '-', starting "
                                 f"with a letter or digit, and not {DEFAULT!r} or an OpenAI voice name", "name")
+        await asyncio.to_thread(folder.sync)
         if name in engine.voices.names():
             raise ApiError(409, f"a voice named {name!r} exists; delete it first or pick another name", "name",
                            "voice_exists")
@@ -210,7 +210,7 @@ def create_app(engine, *, voices_dir=None, api_key: str | None = None, model_nam
                                 "(10-20 s of speech is plenty)", "audio_sample", "file_too_large")
         target = voices_dir / f"{name}{suffix}"
         try:
-            await asyncio.to_thread(_store_voice, engine, name, data, target)
+            await asyncio.to_thread(_store_voice, engine, folder, name, data, target)
         except (ValueError, OSError, RuntimeError) as exc:
             raise ApiError(400, f"audio_sample is not usable as a voice: {exc}", "audio_sample") from None
         created[name] = int(time.time())
@@ -218,13 +218,17 @@ def create_app(engine, *, voices_dir=None, api_key: str | None = None, model_nam
 
     @app.delete("/v1/audio/voices/{voice_id}")
     async def delete_voice(voice_id: str):
+        await asyncio.to_thread(folder.sync)
         if not VOICE_NAME.match(voice_id) or voice_id not in engine.voices.sources:
             raise ApiError(404, f"no voice {voice_id!r}", "voice_id", "voice_not_found")
         path = Path(engine.voices.sources[voice_id][1])
-        engine.voices.remove(voice_id)
-        created.pop(voice_id, None)
         if path.parent == voices_dir:
             path.unlink(missing_ok=True)
+        with folder.lock:
+            if voice_id in engine.voices.sources:
+                engine.voices.remove(voice_id)
+        await asyncio.to_thread(folder.sync)
+        created.pop(voice_id, None)
         return {"object": "audio.voice.deleted", "id": voice_id, "deleted": True}
 
     # ---- speech ---------------------------------------------------------------------------------
@@ -240,9 +244,6 @@ def create_app(engine, *, voices_dir=None, api_key: str | None = None, model_nam
     def speech_request(body: SpeechBody) -> SpeechRequest:
         if not body.input.strip():
             raise ApiError(400, "input is empty: send the text to speak", "input")
-        if body.speed != 1.0:
-            raise ApiError(400, f"speed {body.speed} is not supported yet: Chatterbox speaks at its own pace; "
-                                "send speed 1.0 (or leave it out)", "speed", "unsupported_value")
         options = {k: getattr(body, k) for k in OPTIONS if getattr(body, k) is not None}
         if "language" in options:
             if family != "multilingual":
@@ -257,6 +258,7 @@ def create_app(engine, *, voices_dir=None, api_key: str | None = None, model_nam
 
     @app.post("/v1/audio/speech")
     async def speech(body: SpeechBody, request: Request):
+        await asyncio.to_thread(folder.sync)
         try:
             speech_req = speech_request(body)
             handle = engine.submit(speech_req)
@@ -281,12 +283,12 @@ def create_app(engine, *, voices_dir=None, api_key: str | None = None, model_nam
             handle.cancel()
             metrics.requests.labels(str(_status(first.error))).inc()
             raise _failure(first.error)
-        encoder = Encoder(body.response_format, engine.model.sr)
+        encoder = Encoder(body.response_format, engine.model.sr, speed=body.speed)
         headers = {"X-Voice": speech_req.voice or DEFAULT, "Cache-Control": "no-store"}
         if body.instructions:
             headers["X-Instructions"] = "ignored: Chatterbox takes no instructions"
         sse = body.stream_format == "sse"
-        events = _events(handle, first, encoder, deadline, submitted, metrics, engine.model.sr, sse)
+        events = _events(handle, first, encoder, deadline, submitted, metrics, engine.model.sr, sse, body.speed)
         media_type = "text/event-stream" if sse else encoder.media_type
         return StreamingResponse(events, media_type=media_type, headers=headers)
 
@@ -303,8 +305,9 @@ async def _next(handle, deadline: float):
         return Failed(TimeoutError("the request ran past the server's deadline"))
 
 
-async def _events(handle, first, encoder, deadline, submitted, metrics, sample_rate, sse: bool):
-    """The response body: encoded audio (or SSE events) as the engine's chunks come."""
+async def _events(handle, first, encoder, deadline, submitted, metrics, sample_rate, sse: bool, speed: float):
+    """The response body: encoded audio (or SSE events) as the engine's chunks come. Audio
+    seconds, playback and usage count the audio sent (the model's, divided by `speed`)."""
     playback = Playback(sample_rate)
     metrics.responses.inc()
     status, event = "200", first
@@ -312,7 +315,7 @@ async def _events(handle, first, encoder, deadline, submitted, metrics, sample_r
         while True:
             if isinstance(event, AudioChunk):
                 now = time.perf_counter() - submitted
-                interval = playback.chunk(now, event.audio.numel())
+                interval = playback.chunk(now, round(event.audio.numel() / speed))
                 if interval is None:
                     metrics.first_audio.observe(now)
                 else:
@@ -325,17 +328,18 @@ async def _events(handle, first, encoder, deadline, submitted, metrics, sample_r
                 if tail:
                     yield _sse_delta(tail) if sse else tail
                 usage = event.usage
+                seconds = usage.audio_seconds / speed
                 total = time.perf_counter() - submitted
                 metrics.latency.observe(total)
-                metrics.audio.inc(usage.audio_seconds)
-                if usage.audio_seconds:
-                    metrics.rtf.observe(total / usage.audio_seconds)
+                metrics.audio.inc(seconds)
+                if seconds:
+                    metrics.rtf.observe(total / seconds)
                 metrics.underrun.observe(max(0.0, playback.underrun))
                 if sse:
                     yield _sse({"type": "speech.audio.done", "usage": {
                         "input_tokens": usage.text_tokens, "output_tokens": usage.speech_tokens,
                         "total_tokens": usage.text_tokens + usage.speech_tokens,
-                        "audio_seconds": round(usage.audio_seconds, 3)}})
+                        "audio_seconds": round(seconds, 3)}})
                 return
             else:  # Failed mid-stream: the status is sent; end the body (SSE says why)
                 status = str(_status(event.error))
@@ -384,9 +388,45 @@ def _failure(error: BaseException) -> ApiError:
     return ApiError(status, message, kind=kind, code={504: "timeout", 503: "engine_closed"}.get(status))
 
 
-def _store_voice(engine, name: str, data: bytes, target: Path) -> None:
+class VoiceFolder:
+    """The voices folder as the registry's source of truth: a voice file there is registered
+    under its stem, a file gone is unregistered, a replaced one (new mtime) re-registered.
+    Servers sharing one folder (Ray Serve replicas on a shared volume) see each other's uploads
+    and deletes at their next request; `sync` is a directory scan (tens of microseconds for a
+    few dozen voices), run in a worker thread. A file that is not a usable reference is logged
+    once and skipped until it changes."""
+
+    def __init__(self, engine, path: Path):
+        self.engine, self.path = engine, Path(path)
+        self.seen: dict[str, tuple[str, int]] = {}  # name -> (path, mtime_ns), registered or rejected
+        self.lock = threading.Lock()
+
+    def sync(self) -> None:
+        present: dict[str, tuple[str, int]] = {}
+        for entry in sorted(os.scandir(self.path), key=lambda e: e.name):
+            stem, suffix = os.path.splitext(entry.name)
+            if suffix.lower() in AUDIO_SUFFIXES + (".pt",) and VOICE_NAME.match(stem) and entry.is_file():
+                present.setdefault(stem, (entry.path, entry.stat().st_mtime_ns))
+        voices = self.engine.voices
+        with self.lock:
+            for name, (path, _) in list(self.seen.items()):
+                if present.get(name, (None,))[0] != path:
+                    del self.seen[name]
+                    if voices.sources.get(name, (None, None))[1] == path:
+                        voices.remove(name)
+            for name, key in present.items():
+                if self.seen.get(name) == key:
+                    continue
+                self.seen[name] = key
+                try:
+                    voices.add(name, key[0])
+                except (ValueError, OSError, RuntimeError) as exc:
+                    logger.warning("voice %s skipped: %s", os.path.basename(key[0]), exc)
+
+
+def _store_voice(engine, folder: VoiceFolder, name: str, data: bytes, target: Path) -> None:
     """Write an upload next to its final name, check it as a reference (readable audio, long
-    enough; Turbo > 5 s), only then move it in and register it."""
+    enough; Turbo > 5 s), only then move it in and register it (through the folder)."""
     from ..voice import check_reference_audio
 
     tmp = target.with_name(f".upload-{name}{target.suffix}")
@@ -394,6 +434,6 @@ def _store_voice(engine, name: str, data: bytes, target: Path) -> None:
     try:
         check_reference_audio(tmp, engine.model)
         shutil.move(str(tmp), target)
-        engine.voices.add(name, target)
+        folder.sync()
     finally:
         tmp.unlink(missing_ok=True)
