@@ -188,6 +188,15 @@ def _add_serve(sub):
     serve.add_argument("--wyoming-uri", default="tcp://127.0.0.1:10200", help="where Wyoming listens "
                        "(default tcp://127.0.0.1:10200)")
     serve.add_argument("--no-http", action="store_true", help="Wyoming only: no HTTP server (needs --wyoming)")
+    serve.add_argument("--ray", action="store_true", help="serve as Ray Serve replicas, one engine each "
+                       "(pip install .[ray]; docs/SCALING.md)")
+    serve.add_argument("--replicas", type=_number(1, False, int), default=1, help="with --ray: replicas (1)")
+    serve.add_argument("--gpus-per-replica", type=_number(0, True), help="with --ray: GPUs each replica "
+                       "reserves (e.g. 1, or 0.5 for two per GPU; default none)")
+    serve.add_argument("--cpus-per-replica", type=_number(0, False), help="with --ray: CPUs each replica "
+                       "reserves (default 1)")
+    serve.add_argument("--ray-address", help="with --ray: join this Ray cluster (default $RAY_ADDRESS, else "
+                       "start one on this machine)")
     serve.add_argument("--model-factory", metavar="MODULE:FUNC",
                        help="build the model with FUNC(checkpoint, device) instead of loading a checkpoint")
     _add_model_args(serve, cmd_serve, "local checkpoint folder (default: the official weights from the hub; "
@@ -668,4 +677,8 @@ def _progress(message: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m chatterbox_accel.cli`: run the package's module, not this __main__ copy, so the
+    # CliError that server/ modules import from it is the one main() catches
+    from chatterbox_accel.cli import main as _main
+
+    sys.exit(_main())

@@ -12,6 +12,10 @@ at the first byte would fall behind), errors by status. A table, then ONE JSON l
 
     python scripts/bench_serve.py [--concurrency 1,2,4,8] [--requests 8] [--patterns sentence,paragraph]
                                   [--seconds 3] [--checkpoint DIR] [--tiny] [--max-batch 8]
+                                  [--ray N [--cpus-per-replica C] [--gpus-per-replica G]]
+
+--ray N targets `chatterbox-accel serve --ray --replicas N` (Ray Serve's proxy in front of N
+replicas, each its own engine) with the same loop.
 """
 from __future__ import annotations
 
@@ -150,6 +154,11 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--option", action="append", default=[], help="accelerate() option for the server, KEY=VALUE")
+    ap.add_argument("--ray", type=int, metavar="N", help="drive `serve --ray --replicas N` (Ray Serve) instead of "
+                    "the single-process server")
+    ap.add_argument("--cpus-per-replica", type=float, help="with --ray: CPUs (torch threads) per replica "
+                    "(default: this machine's cores / N)")
+    ap.add_argument("--gpus-per-replica", type=float, help="with --ray: GPUs per replica")
     ap.add_argument("--out", help="also append the JSON line to this file")
     ap.add_argument("--no-engine-baseline", action="store_true",
                     help="skip the in-process Engine run (its first chunk, for the same sentence and voice)")
@@ -169,6 +178,12 @@ def main() -> int:
     print(f"checkpoint {folder}" + ("" if args.checkpoint else f" (random weights, T3 stops after ~{stop} tokens)"),
           file=sys.stderr)
     extra = [x for o in args.option for x in ("--option", o)]
+    cpus = None
+    if args.ray:
+        cpus = args.cpus_per_replica or max(1, (os.cpu_count() or 1) // args.ray)
+        extra += ["--ray", "--replicas", str(args.ray), "--cpus-per-replica", str(cpus)]
+        if args.gpus_per_replica:
+            extra += ["--gpus-per-replica", str(args.gpus_per_replica)]
     with tempfile.TemporaryDirectory() as work:
         print("starting the server ...", file=sys.stderr)
         server = start_server(folder, Path(work), factory=TINY_FACTORY if args.tiny else None,
@@ -199,7 +214,8 @@ def main() -> int:
     summary = {"bench": "serve", "hardware": hardware(), "versions": versions(), "model": "english",
                "t3": "tiny (2 layers)" if args.tiny else "full size, random weights", "checkpoint_stop_after": stop,
                "voice_seconds": None if args.checkpoint else args.voice_seconds,
-               "max_batch": args.max_batch, "options": args.option, "date": time.strftime("%Y-%m-%d"),
+               "max_batch": args.max_batch, "options": args.option,
+               "server": f"ray serve, {args.ray} replica(s), {cpus} CPU(s) each" if args.ray else "single process", "date": time.strftime("%Y-%m-%d"),
                "throughput_scaling_max_vs_1": scaling, "engine_first_chunk_s": baseline, "levels": rows}
     c1 = next((r for r in rows if r["pattern"] == "sentence" and r["concurrency"] == 1), None)
     if baseline and c1 and c1["first_audio_p50_s"]:

@@ -13,5 +13,5 @@ fi
 # plus setuptools<81 for resemble-perth's pkg_resources import.
 "$VENV/bin/python" -m pip install -q "chatterbox-tts==0.1.7" "setuptools<81"
 # A regular (non-editable) install, so the CHATTERBOX_ACCEL=1 .pth hook is in site-packages.
-"$VENV/bin/python" -m pip install -q "$ROOT[test,serve]"
+"$VENV/bin/python" -m pip install -q "$ROOT[test,serve,ray]"
 export PATH="$VENV/bin:$PATH"

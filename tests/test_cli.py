@@ -233,6 +233,8 @@ def test_make_checkpoint_never_overwrites_files_it_did_not_write(tmp_path):
     (["check", "--option", "check=false"], "drop --option check=false"),
     (["make-checkpoint", "small", "--small"], "--small is refused.*from_local"),
     (["make-checkpoint", "ml", "--family", "turbo", "--voice-seconds", "3"], "must be >= 5 for turbo"),
+    (["serve", "--replicas", "2"], "--replicas applies to Ray Serve; add --ray"),
+    (["serve", "--ray", "--wyoming"], "--wyoming runs in the single-process server"),
 ])
 def test_bad_arguments_exit_2_with_the_fix_in_the_message(tmp_path, args, match):
     import re
