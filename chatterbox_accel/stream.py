@@ -49,7 +49,8 @@ MULTILINGUAL_MAX_NEW_TOKENS = FAMILIES["multilingual"].t3_max_new_tokens  # gene
 TURBO_MAX_TOKENS = 1 + FAMILIES["turbo"].t3_max_new_tokens + 3  # the first token + max_gen_len, + generate()'s silence
 # generate_stream()'s own options (the rest are the model's generate() options)
 STREAM_DEFAULTS = dict(max_new_tokens=1000, chunk_size=25, first_chunk_size=None, context_tokens=100,
-                       watermark=True)
+                       watermark=True, seed=None)
+S3_SEED_OFFSET = 0x5EED  # a seeded request's S3Gen generator: seed + this (T3's: the seed itself)
 
 
 @dataclass
@@ -225,6 +226,10 @@ def generate_stream(model, text, **options):
       first_chunk_size a smaller first chunk starts playback early, default min(chunk_size, 12)
       context_tokens   earlier tokens S3Gen re-reads per chunk (None: all), default 100
       watermark        default True, as generate()
+      seed             this stream's own generators (T3 sampling: seed; S3Gen noise and vocoder
+                       draws: seed + S3_SEED_OFFSET), as the engine's requests: the same speech
+                       tokens as `SpeechRequest(text, seed=seed)`, and the global RNG untouched.
+                       None (default): the global RNG, as generate()
 
     Arguments are checked now; the work starts at the first `next()`. Closing the generator
     early (break) frees its state and leaves the model usable.
@@ -240,6 +245,8 @@ def generate_stream(model, text, **options):
     stream = {k: options.pop(k, v) for k, v in STREAM_DEFAULTS.items()}
     if not isinstance(text, str) or not text.strip():
         raise ValueError("text is empty: pass the sentence to speak, e.g. generate_stream(model, 'Hello.')")
+    if stream["seed"] is not None and (isinstance(stream["seed"], bool) or not isinstance(stream["seed"], int)):
+        raise ValueError(f"seed must be an int or None, got {stream['seed']!r}")
     for name in ("chunk_size", "first_chunk_size", "context_tokens"):
         value = stream[name]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -283,9 +290,14 @@ def _check_language(model, language_id) -> None:
 
 
 def _stream(model, text, options, *, max_new_tokens, chunk_size, first_chunk_size, context_tokens,
-            watermark):
+            watermark, seed):
     start = time.perf_counter()
-    blocks, max_tokens = _token_source(model, text, options, max_new_tokens, first_chunk_size, chunk_size)
+    t3_rng = s3_rng = None
+    if seed is not None:
+        t3_rng = torch.Generator(device=model.t3.device).manual_seed(seed)
+        s3_rng = torch.Generator(device=model.s3gen.device).manual_seed(seed + S3_SEED_OFFSET)
+    blocks, max_tokens = _token_source(model, text, options, max_new_tokens, first_chunk_size, chunk_size, t3_rng,
+                                       seed)
     streamer = None
     index = samples = n_tokens = 0
     t3_seconds, first = 0.0, None
@@ -298,7 +310,7 @@ def _stream(model, text, options, *, max_new_tokens, chunk_size, first_chunk_siz
             if streamer is None:  # after the first block: Multilingual/Turbo know the length now
                 streamer = S3GenStreamer(model.s3gen, model.conds.gen, max_tokens(), context_tokens=context_tokens,
                                          watermarker=model.watermarker if watermark else None,
-                                         sample_rate=model.sr, modes=modes_of(model))
+                                         sample_rate=model.sr, modes=modes_of(model), generator=s3_rng)
             audio = streamer.push(ids, final)
             if audio.numel() == 0 and not final:
                 continue
@@ -314,8 +326,9 @@ def _stream(model, text, options, *, max_new_tokens, chunk_size, first_chunk_siz
         blocks.close()
 
 
-def _token_source(model, text, options, max_new_tokens, first_block, block):
-    """(blocks of (ids, final), a callable giving the most tokens there can be)."""
+def _token_source(model, text, options, max_new_tokens, first_block, block, generator=None, seed=None):
+    """(blocks of (ids, final), a callable giving the most tokens there can be). generator: the
+    fast path's T3 sampling generator; the original path seeds the global RNG with `seed`."""
     from .patching import state_of
 
     family = family_of(model)
@@ -325,12 +338,13 @@ def _token_source(model, text, options, max_new_tokens, first_block, block):
             max_new_tokens = MULTILINGUAL_MAX_NEW_TOKENS
         if family == "turbo":
             max_new_tokens = TURBO_MAX_TOKENS
-        return _fast_blocks(model, fast, text, options, max_new_tokens, first_block, block), lambda: max_new_tokens
+        return (_fast_blocks(model, fast, text, options, max_new_tokens, first_block, block, generator, seed),
+                lambda: max_new_tokens)
     box = {}
-    return _generate_blocks(model, text, options, first_block, block, box), lambda: box["n"]
+    return _generate_blocks(model, text, options, first_block, block, box, seed), lambda: box["n"]
 
 
-def _fast_blocks(model, fast, text, options, max_new_tokens, first_block, block):
+def _fast_blocks(model, fast, text, options, max_new_tokens, first_block, block, generator=None, seed=None):
     """The fast runner (English, Multilingual, Turbo), block by block while it decodes; the
     original path if it fails before the first block."""
     opts = {**_generate_options(model), **options}
@@ -340,21 +354,22 @@ def _fast_blocks(model, fast, text, options, max_new_tokens, first_block, block)
 
         t3_opts = {k: opts[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")}
         text_tokens = _prepare_turbo(model, text, opts)
-        blocks = fast.stream(dict(t3_opts, t3_cond=model.conds.t3, text_tokens=text_tokens), first_block, block)
+        blocks = fast.stream(dict(t3_opts, t3_cond=model.conds.t3, text_tokens=text_tokens), first_block, block,
+                             generator=generator)
         tail = torch.tensor([S3GEN_SIL] * 3)  # generate() appends 3 silence tokens before S3Gen
     else:
         text_tokens = _prepare(model, text, opts["audio_prompt_path"], opts["exaggeration"], opts["cfg_weight"],
                                opts.get("language_id"))
         t3_opts = {k: opts[k] for k in ("repetition_penalty", "min_p", "top_p", "cfg_weight", "temperature")}
         blocks = fast.stream(dict(t3_opts, t3_cond=model.conds.t3, text_tokens=text_tokens,
-                                  max_new_tokens=max_new_tokens), first_block, block)
+                                  max_new_tokens=max_new_tokens), first_block, block, generator=generator)
     try:
         ids, final = next(blocks)
     except Exception as exc:  # nothing streamed yet: the original T3 can still answer
         fast.disabled = f"{type(exc).__name__}: {exc}"
         logger.warning("chatterbox_accel: fast T3 decode failed (%s); this model now uses the "
                        "original T3.inference", fast.disabled)
-        yield from _generate_blocks(model, text, options, first_block, block, {})
+        yield from _generate_blocks(model, text, options, first_block, block, {}, seed)
         return
     while True:
         ids = ids[ids < SPEECH_VOCAB]  # generate() drops EOS and any other special id
@@ -368,10 +383,13 @@ class _Captured(Exception):
     pass
 
 
-def _generate_blocks(model, text, options, first_block, block, box):
+def _generate_blocks(model, text, options, first_block, block, box, seed=None):
     """Run the model's own generate() up to its S3Gen call, then serve the speech tokens it would
-    have synthesized, in blocks. `box["n"]` receives their number."""
+    have synthesized, in blocks. `box["n"]` receives their number. The original T3 samples from
+    the global RNG: a seed seeds it (torch.manual_seed), as a caller of generate() would."""
     captured = {}
+    if seed is not None:
+        torch.manual_seed(seed)
 
     def capture(speech_tokens, *args, **kwargs):
         captured["tokens"] = speech_tokens

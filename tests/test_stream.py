@@ -111,6 +111,27 @@ def test_same_seed_same_tokens_as_generate(model, monkeypatch):
     assert torch.isfinite(audio).all() and audio.dtype == torch.float32 and audio.dim() == 1
 
 
+def test_a_seeded_stream_owns_its_generators_and_decodes_the_engines_tokens(model, monkeypatch):
+    from chatterbox_accel.engine import Done, Engine, SpeechRequest
+
+    chatterbox_accel.accelerate(model)
+    pushed = streamed_tokens(monkeypatch)
+    state = torch.get_rng_state()
+    first = torch.cat([c for c, _ in model.generate_stream(TEXT, seed=11, chunk_size=8, first_chunk_size=8)])
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG neither read nor moved
+    tokens = torch.cat(pushed)
+    pushed.clear()
+    torch.manual_seed(123)  # whatever the global RNG holds, the seed decides
+    again = torch.cat([c for c, _ in model.generate_stream(TEXT, seed=11, chunk_size=8, first_chunk_size=8)])
+    assert torch.equal(again, first) and torch.equal(torch.cat(pushed), tokens)
+    pushed.clear()
+    list(model.generate_stream(TEXT, seed=12, chunk_size=8, first_chunk_size=8))
+    assert not torch.equal(torch.cat(pushed), tokens)  # another seed, other tokens (the test can fail)
+    with Engine(model, max_batch=2) as engine:  # the engine's request with that seed: the same speech tokens
+        events = list(engine.submit(SpeechRequest(TEXT, seed=11)))
+    assert isinstance(events[-1], Done) and events[-1].speech_tokens == tokens.tolist()
+
+
 def test_stream_carries_the_watermark(model):
     """Each chunk is marked behind 1 s of the audio already sent. Perth's detector scores
     random-weight audio low and noisily: measured here generate() 0.22, the stream 0.043, the
@@ -149,6 +170,7 @@ def test_break_early_leaves_model_usable_and_interleaving_is_refused(model):
     (dict(chunk_size=2.5), ValueError, "chunk_size"),
     (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
     (dict(chunk_sise=10), TypeError, "unknown option.*chunk_sise"),
+    (dict(seed="7"), ValueError, "seed must be an int"),
     (dict(audio_prompt_path="/no/such/voice.wav"), FileNotFoundError, "voice.wav"),
 ])
 def test_bad_input_fails_before_any_work(model, monkeypatch, kwargs, error, match):

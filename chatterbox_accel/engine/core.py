@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..stream import S3_SEED_OFFSET
 from .split import MAX_CHARS, JoinedHandle, split_text
 from .requests import (AudioChunk, Done, EngineBusy, EngineClosed, Failed, Handle, SpeechRequest, Usage,
                        chunk_target)
@@ -47,7 +48,6 @@ from .voices import VoiceRegistry
 logger = logging.getLogger(__name__)
 
 MAX_PIECES = 200  # a long text's pieces (~50 000 characters)
-S3_SEED_OFFSET = 0x5EED  # a seeded request's S3Gen generator: seed + this (T3's: the seed itself)
 
 
 @dataclass(eq=False)

@@ -31,7 +31,6 @@ import os
 import sys
 import time
 
-
 DEPLOYMENT = "Chatterbox"
 APP = "chatterbox"
 GRACE_S = 30          # a stopping replica's in-flight requests get this long to finish
@@ -75,8 +74,10 @@ class Chatterbox:
     `X-Replica` header on every response naming the replica that served it."""
 
     def __init__(self, config: dict):
+        import torch
         from ray import serve
 
+        from ..cli import _progress
         from .run import build
 
         sys.setswitchinterval(0.001)  # as `serve`: the event loop answers while the engine thread works
@@ -97,10 +98,6 @@ class Chatterbox:
 
         self.engine, self.replica = engine, replica
         _replica.update(app=app, engine=engine)
-        import torch
-
-        from ..cli import _progress
-
         _progress(f"replica {replica}: {type(model).__name__} on {model.device}, {torch.get_num_threads()} torch "
                   f"thread(s), voices {', '.join(engine.voices.names())}")
 

@@ -111,12 +111,13 @@ class FastInference:
     def run(self, kwargs) -> torch.Tensor:
         return torch.cat([ids for ids, _ in self.stream(kwargs)])[None]
 
-    def stream(self, opts, first_block: int | None = None, block: int | None = None):
-        """`(ids, finished)` blocks of one fast decode (see `T3Runner.token_blocks`)."""
+    def stream(self, opts, first_block: int | None = None, block: int | None = None, generator=None):
+        """`(ids, finished)` blocks of one fast decode (see `T3Runner.token_blocks`); a
+        generator: this decode's own sampling draws (else the global RNG)."""
         opts = {**INFERENCE_DEFAULTS, **opts}
         runner = self.runner
         max_new = opts["max_new_tokens"] or runner.hp.max_speech_tokens
         check_lengths(runner.hp, opts["text_tokens"], max_new)
         with torch.inference_mode():
-            request = runner.request(opts["t3_cond"], opts["text_tokens"], opts, int(max_new))
+            request = runner.request(opts["t3_cond"], opts["text_tokens"], opts, int(max_new), generator=generator)
         return runner.token_blocks(request, first_block, block)
