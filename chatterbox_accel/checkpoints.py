@@ -236,6 +236,14 @@ def tiny_english_model(folder, device="cpu", seed: int = 0, layers: int = 2, sto
                          EnTokenizer(str(folder / "tokenizer.json")), device, conds=conds)
 
 
+def tiny_english_server_model(folder, device="cpu"):
+    """`tiny_english_model` for a process that builds one model (the test servers, Ray replicas):
+    the S3Gen template, kept for the next tiny model, is let go (~1 GB per process)."""
+    model = tiny_english_model(folder, device)
+    _S3GEN_TEMPLATES.clear()
+    return model
+
+
 _S3GEN_TEMPLATES: dict = {}
 
 

@@ -18,6 +18,13 @@ VOICE_SECONDS = 1.0  # the built-in voice of every test checkpoint (see ckpt_dir
 TURBO_PROMPT_TOKENS = 150  # ... for a 150-token voice prompt: the built-in one and a 6 s reference
 
 
+def pytest_collection_modifyitems(config, items):
+    """The Ray Serve tests first: their two replica processes (~3.5 GB each) fit beside a test
+    process that holds no models yet; later, the session's full-size models (~18 GB in this
+    process) leave too little for them, and Ray's memory monitor kills the replicas."""
+    items.sort(key=lambda item: item.path.name != "test_ray_serve.py")  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def ckpt_dir(tmp_path_factory):
     """A full-size random English checkpoint in the official layout (written once per session)."""

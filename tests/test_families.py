@@ -314,6 +314,10 @@ class TestTurbo:
         assert sum(c.numel() for c, _ in chunks) == reference.shape[1] and chunks[-1][1].final
         assert all(torch.isfinite(c).all() for c, _ in chunks)
         assert chunks[-1][1].t3_tokens * 960 == reference.shape[1]  # 2 mel frames x 480 samples per token
+        pushed.clear()  # a seeded stream: its own generators, the global RNG untouched
+        state = torch.get_rng_state()
+        seeded = [torch.cat([c for c, _ in turbo.generate_stream("Hi.", seed=3)]) for _ in range(2)]
+        assert torch.equal(*seeded) and torch.equal(torch.get_rng_state(), state) and pushed
         restore(turbo)
 
     def test_generate_batch_rows_are_the_requests_alone(self, turbo):

@@ -67,7 +67,7 @@ def test_speed_time_stretches_the_same_audio(client):
     tempo = Tempo(2.0, 24000)  # the same stretch applied here to the speed-1.0 audio
     expected = np.concatenate([tempo.process(samples), tempo.flush()])
     got = np.frombuffer(fast, "<i2").astype(np.float32) / 32767
-    assert abs(got.size - samples.size / 2) < 0.02 * samples.size  # half as long
+    assert abs(got.size - samples.size / 2) < 0.02 * samples.size + 480  # half as long (atempo's edges: < 20 ms)
     assert got.size == expected.size and np.abs(got - expected).max() < 1e-3  # (16-bit rounding apart)
 
 

@@ -117,15 +117,15 @@ def test_a_seeded_stream_owns_its_generators_and_decodes_the_engines_tokens(mode
     chatterbox_accel.accelerate(model)
     pushed = streamed_tokens(monkeypatch)
     state = torch.get_rng_state()
-    first = torch.cat([c for c, _ in model.generate_stream(TEXT, seed=11, chunk_size=8, first_chunk_size=8)])
+    first = torch.cat([c for c, _ in model.generate_stream(TEXT, seed=11, chunk_size=16, first_chunk_size=16)])
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG neither read nor moved
     tokens = torch.cat(pushed)
     pushed.clear()
     torch.manual_seed(123)  # whatever the global RNG holds, the seed decides
-    again = torch.cat([c for c, _ in model.generate_stream(TEXT, seed=11, chunk_size=8, first_chunk_size=8)])
+    again = torch.cat([c for c, _ in model.generate_stream(TEXT, seed=11, chunk_size=16, first_chunk_size=16)])
     assert torch.equal(again, first) and torch.equal(torch.cat(pushed), tokens)
     pushed.clear()
-    list(model.generate_stream(TEXT, seed=12, chunk_size=8, first_chunk_size=8))
+    list(model.generate_stream(TEXT, seed=12, chunk_size=16, first_chunk_size=16))
     assert not torch.equal(torch.cat(pushed), tokens)  # another seed, other tokens (the test can fail)
     with Engine(model, max_batch=2) as engine:  # the engine's request with that seed: the same speech tokens
         events = list(engine.submit(SpeechRequest(TEXT, seed=11)))

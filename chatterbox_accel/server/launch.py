@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TINY_FACTORY = "chatterbox_accel.checkpoints:tiny_english_model"  # a 2-layer T3 on a full checkpoint
+TINY_FACTORY = "chatterbox_accel.checkpoints:tiny_english_server_model"  # a 2-layer T3 on a full checkpoint
 
 
 def free_port() -> int:

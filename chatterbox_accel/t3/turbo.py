@@ -245,12 +245,13 @@ class FastTurboInference(FastInference):
     def unsupported(self, args, kwargs) -> str | None:
         return _unsupported(args, kwargs)
 
-    def stream(self, kwargs, first_block: int | None = None, block: int | None = None):
+    def stream(self, kwargs, first_block: int | None = None, block: int | None = None, generator=None):
         opts = {**TURBO_DEFAULTS, **kwargs}
         params = TurboParams.make(temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"],
                                   repetition_penalty=opts["repetition_penalty"])
         with torch.inference_mode():
-            request = self.runner.request(opts["t3_cond"], opts["text_tokens"], params, int(opts["max_gen_len"]))
+            request = self.runner.request(opts["t3_cond"], opts["text_tokens"], params, int(opts["max_gen_len"]),
+                                          generator=generator)
         return self.runner.token_blocks(request, first_block, block)
 
 
