@@ -103,7 +103,7 @@ def test_spread_over_both_replicas_with_a_voice_uploaded_through_one(ray_server,
     assert "shared" not in {v["id"] for v in httpx.get(f"{ray_server.url}/v1/audio/voices").json()["voices"]}
 
 
-def test_past_the_queue_429_with_retry_after(ray_server):
+def test_past_capacity_requests_are_refused_at_once(ray_server):
     # 2 replicas x (batch 2 + queue 0) = 4 in the replicas, Serve's queue as many again; 12 at once:
     # the rest get 429 with Retry-After at once (from Serve's queue, or a replica's engine on a
     # routing race). The admitted ones are dropped after 3 s (the replicas cancel their work).
@@ -120,9 +120,14 @@ def test_past_the_queue_429_with_retry_after(ray_server):
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             return [task.result() for task in done], len(pending)
+    from chatterbox_accel.server.ray_serve import _supports_backpressure_config
+
     answered, pending = asyncio.run(burst())
     statuses = sorted(status for status, _ in answered)
-    assert set(statuses) <= {200, 429} and statuses.count(429) >= 2, statuses
+    # Serve's own refusal is 429 where it has backpressure_config (Ray >= 2.56, which needs
+    # starlette >= 1.0: not installable beside chatterbox-tts 0.1.7's gradio), else its 503
+    refused = {429} if _supports_backpressure_config() else {429, 503}
+    assert set(statuses) <= {200} | refused and len([s for s in statuses if s != 200]) >= 2, statuses
     assert statuses.count(200) + pending >= 4, (statuses, pending)  # within capacity: admitted, not refused
     assert all(int(after) >= 1 for status, after in answered if status == 429), answered
 

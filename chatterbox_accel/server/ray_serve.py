@@ -21,7 +21,8 @@ never hands a replica more than its engine admits and spreads the load (a replic
 bounded by `max_queued_requests` (one more round of every replica's capacity: Serve counts a
 burst's requests there before it routes them, so a smaller bound would refuse requests that
 replicas have room for), and past it Serve answers 429 with `Retry-After` (its
-`backpressure_config`; Rays before it answer 503).
+`backpressure_config`, Ray >= 2.56) or, on older Rays, 503. Beside chatterbox-tts 0.1.7 pip
+resolves Ray 2.55 (2.56+ needs starlette >= 1.0, gradio 6.8 < 1.0): 503 there.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def _require_ray():
 
 
 def _supports_backpressure_config() -> bool:
-    """Serve's 429 + Retry-After for its own queue (Ray >= 2.5x); older Rays answer 503."""
+    """Serve's 429 + Retry-After for its own queue (Ray >= 2.56); older Rays answer 503."""
     try:
         from ray.serve.config import BackpressureConfig  # noqa: F401
     except ImportError:
