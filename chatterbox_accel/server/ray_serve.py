@@ -173,7 +173,7 @@ def run(args) -> int:
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
-    else:  # a local cluster, gone when this process ends (Ray's own ports: token-authenticated)
+    else:  # a local cluster, gone when this process ends (its own ports: see docs/SCALING.md)
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
     try:
         serve.start(http_options={"host": args.host, "port": args.port,
