@@ -32,24 +32,7 @@ import time
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "She sells sea shells by the sea shore today.",
-    "Please call me back when you get this message.",
-    "The weather is lovely this time of the year.",
-    "I would like a cup of tea with milk, please.",
-    "Our train leaves the station at half past nine.",
-    "Turn left at the corner, then walk straight on.",
-    "Thank you all for coming to the meeting today.",
-    "Every morning he runs five miles along the river.",
-    "The library closes early on Sundays and holidays.",
-    "Can you tell me where the nearest pharmacy is?",
-    "We planted tomatoes and beans in the garden.",
-    "The museum opens a new exhibition next week.",
-    "My grandmother bakes the best apple pie in town.",
-    "Remember to save your work before you leave.",
-    "The concert was sold out within an hour.",
-]
+from bench_batch import TEXTS  # noqa: E402  (the same 16 sentences as the batch benchmarks)
 
 
 def pct(values, q):
