@@ -215,10 +215,16 @@ def is_complete(folder) -> bool:
     return all((folder / f).exists() for f in ENGLISH_FILES) and (folder / "chatterbox_accel.json").exists()
 
 
-def tiny_english_model(folder, device="cpu", seed: int = 0, layers: int = 2, stop_after: int | None = 12):
+def tiny_english_model(folder, device="cpu", seed: int = 0, layers: int = 2, stop_after: int | None = 12,
+                       estimator_blocks: tuple[int, int] | None = None):
     """A ChatterboxTTS with a tiny T3 and the VE, S3Gen, tokenizer and voice of the full
     checkpoint in `folder` (any complete one; written with defaults if missing). Loads the parts the way
-    `ChatterboxTTS.from_local` does, skipping its 2 GB T3."""
+    `ChatterboxTTS.from_local` does, skipping its 2 GB T3.
+
+    estimator_blocks=(n_blocks, num_mid_blocks): S3Gen's CFM estimator rebuilt smaller (upstream's
+    `ConditionalDecoder` with those block counts instead of 4 and 12; random weights, seeded):
+    for tests, where S3Gen's compute is not the subject (its flow runs ~5x faster). Speed
+    figures use the full estimator (the default)."""
     from chatterbox.models.s3gen import S3Gen
     from chatterbox.models.tokenizers import EnTokenizer
     from chatterbox.models.voice_encoder import VoiceEncoder
@@ -230,16 +236,47 @@ def tiny_english_model(folder, device="cpu", seed: int = 0, layers: int = 2, sto
         write_english_checkpoint(folder, seed=seed)
     ve = VoiceEncoder()
     ve.load_state_dict(load_file(folder / "ve.safetensors"))
-    s3gen = copy.deepcopy(_s3gen_template(folder, S3Gen, load_file))  # a fresh, independent copy
+    template = _s3gen_template(folder, S3Gen, load_file)
+    if estimator_blocks is None:
+        s3gen = copy.deepcopy(template)  # a fresh, independent copy
+    else:
+        cfm, full = template.flow.decoder, template.flow.decoder.estimator
+        cfm.estimator = None  # not copied: replaced below
+        try:
+            s3gen = copy.deepcopy(template)
+        finally:
+            cfm.estimator = full
+        s3gen.flow.decoder.estimator = _seeded(seed + 3, lambda: small_estimator(*estimator_blocks)).eval()
     conds = Conditionals.load(folder / "conds.pt").to(device)
     return ChatterboxTTS(tiny_t3(seed, layers, stop_after).to(device), s3gen.to(device).eval(), ve.to(device).eval(),
                          EnTokenizer(str(folder / "tokenizer.json")), device, conds=conds)
 
 
+def small_estimator(n_blocks: int = 1, num_mid_blocks: int = 1):
+    """Upstream's S3Gen CFM estimator (English/Multilingual: as `S3Gen.__init__` builds it) with
+    fewer transformer blocks."""
+    from chatterbox.models.s3gen.decoder import ConditionalDecoder
+
+    return ConditionalDecoder(in_channels=320, out_channels=80, causal=True, channels=[256], dropout=0.0,
+                              attention_head_dim=64, n_blocks=n_blocks, num_mid_blocks=num_mid_blocks, num_heads=8,
+                              act_fn="gelu")
+
+
+TEST_ESTIMATOR = (1, 1)  # the test models' S3Gen estimator blocks (tiny_english_test_model, tests' fixtures)
+
+
 def tiny_english_server_model(folder, device="cpu"):
-    """`tiny_english_model` for a process that builds one model (the test servers, Ray replicas):
-    the S3Gen template, kept for the next tiny model, is let go (~1 GB per process)."""
+    """`tiny_english_model` for a process that builds one model (the Ray replicas, `--tiny`
+    benchmarks): the S3Gen template, kept for the next tiny model, is let go (~1 GB per process)."""
     model = tiny_english_model(folder, device)
+    _S3GEN_TEMPLATES.clear()
+    return model
+
+
+def tiny_english_test_model(folder, device="cpu"):
+    """`tiny_english_server_model` with the small S3Gen estimator (TEST_ESTIMATOR): the test
+    servers' model (API, streaming and scheduling are their subject, not S3Gen's compute)."""
+    model = tiny_english_model(folder, device, estimator_blocks=TEST_ESTIMATOR)
     _S3GEN_TEMPLATES.clear()
     return model
 

@@ -69,10 +69,11 @@ def vc_ckpt(families_dir):
 
 @pytest.fixture
 def tiny_model(ckpt_dir):
-    """A fresh ChatterboxTTS with a 2-layer T3 (full-size S3Gen/VE/tokenizer/voice)."""
-    from chatterbox_accel.checkpoints import tiny_english_model
+    """A fresh ChatterboxTTS with a 2-layer T3 and a small S3Gen estimator (TEST_ESTIMATOR; the rest
+    of S3Gen, the VE, tokenizer and voice full size)."""
+    from chatterbox_accel.checkpoints import TEST_ESTIMATOR, tiny_english_model
 
-    return tiny_english_model(ckpt_dir, stop_after=STOP_AFTER)
+    return tiny_english_model(ckpt_dir, stop_after=STOP_AFTER, estimator_blocks=TEST_ESTIMATOR)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from chatterbox_accel.server.launch import TINY_FACTORY, Server, start_server  # noqa: F401
+from chatterbox_accel.server.launch import TEST_FACTORY, Server, start_server  # noqa: F401
 
 API_KEY = "test-key"
 MAX_BATCH, MAX_QUEUE = 2, 1
@@ -16,7 +16,7 @@ def start_test_server(checkpoint, workdir) -> Server:
     from chatterbox_accel.server.launch import free_port
 
     wyoming_port = free_port()
-    server = start_server(checkpoint, workdir, factory=TINY_FACTORY, api_key=API_KEY, max_batch=MAX_BATCH,
+    server = start_server(checkpoint, workdir, factory=TEST_FACTORY, api_key=API_KEY, max_batch=MAX_BATCH,
                           max_queue=MAX_QUEUE, voices={"sample": synthetic_voice(2.0, seed=1).numpy()}, timeout=300,
                           extra=["--wyoming", "--wyoming-uri", f"tcp://127.0.0.1:{wyoming_port}"])
     server.wyoming_port = wyoming_port

@@ -1,7 +1,7 @@
 """generate_batch(): rows against themselves alone, S3Gen rows against upstream's flow, the
 unseeded batch of one against upstream generate(), input errors, and the model left as found.
 
-On `tiny_model` (2-layer T3, full-size S3Gen, voice encoder and tokenizer), random weights."""
+On `tiny_model` (2-layer T3, S3Gen with the small test estimator, full-size voice encoder and tokenizer), random weights."""
 import pytest
 import soundfile as sf
 import torch
@@ -19,11 +19,11 @@ TEXTS = ["Hello there.", "A somewhat longer sentence, with a comma.", "Short."]
 def tiny_model(ckpt_dir):
     """One tiny-T3 model for the module (loading S3Gen and the voice encoder costs seconds);
     every test leaves it unpatched, with its own conditionals."""
-    from chatterbox_accel.checkpoints import tiny_english_model
+    from chatterbox_accel.checkpoints import TEST_ESTIMATOR, tiny_english_model
 
     from conftest import STOP_AFTER
 
-    model = tiny_english_model(ckpt_dir, stop_after=STOP_AFTER)
+    model = tiny_english_model(ckpt_dir, stop_after=STOP_AFTER, estimator_blocks=TEST_ESTIMATOR)
     yield model
     restore(model)
 

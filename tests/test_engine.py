@@ -1,4 +1,4 @@
-"""The serving engine (chatterbox_accel/engine/core.py) on a 2-layer T3 with the full S3Gen:
+"""The serving engine (chatterbox_accel/engine/core.py) on a 2-layer T3 and a small S3Gen estimator:
 events, cancellation, the queue bound, failures that stay with their request, concurrent
 callers, and a front end that never writes `model.conds`. Each test names the defect it guards."""
 import threading
@@ -16,11 +16,11 @@ TEXTS = ["Hello there.", "A second, different sentence.", "And a third one, long
 
 @pytest.fixture(scope="module")
 def model(ckpt_dir):
-    from chatterbox_accel.checkpoints import tiny_english_model
+    from chatterbox_accel.checkpoints import TEST_ESTIMATOR, tiny_english_model
 
     from conftest import STOP_AFTER
 
-    return tiny_english_model(ckpt_dir, stop_after=STOP_AFTER)
+    return tiny_english_model(ckpt_dir, stop_after=STOP_AFTER, estimator_blocks=TEST_ESTIMATOR)
 
 
 def request(text=TEXTS[0], seed=1, **kw):

@@ -28,9 +28,9 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def ray_server(ckpt_dir, tmp_path_factory):
     from chatterbox_accel.checkpoints import synthetic_voice
-    from chatterbox_accel.server.launch import TINY_FACTORY, start_server
+    from chatterbox_accel.server.launch import TEST_FACTORY, start_server
 
-    server = start_server(ckpt_dir, tmp_path_factory.mktemp("ray"), factory=TINY_FACTORY, max_batch=MAX_BATCH,
+    server = start_server(ckpt_dir, tmp_path_factory.mktemp("ray"), factory=TEST_FACTORY, max_batch=MAX_BATCH,
                           max_queue=MAX_QUEUE, voices={"sample": synthetic_voice(2.0, seed=1).numpy()},
                           extra=["--ray", "--replicas", "2"], timeout=300)
     match = re.search(r"on Ray \(([^)]+)\)", server.log.read_text())

@@ -1,6 +1,7 @@
 """S3Gen fast modes (s3gen_fast.py): each lever against upstream's own code with the same
 setting, the probe check and its refusal, presets, restore(). A 2-layer T3 English model with
-the full-size random S3Gen and its 1 s built-in voice."""
+the small S3Gen estimator of the test models (upstream's ConditionalDecoder with 1 + 1 blocks; the
+rest of S3Gen full size, random) and its 1 s built-in voice."""
 import pytest
 import torch
 
@@ -77,12 +78,13 @@ def test_prompt_cap_keeps_the_last_seconds_of_the_reference(tiny_model, monkeypa
     assert torch.equal(capped, exact)  # ... and each new frame got the exact path's noise
 
 
-# Measured on this test model (30 tokens, 1 s voice, seed 0), 2-core Intel Xeon (AMX), torch 2.6.0:
-# relative L2 of the mel vs exact: bf16 estimator 0.0099, 5 steps 0.134 (CFG off 0.278: see the
-# test above for what it equals). The bounds are those within a factor 2.5 either way.
+# Measured on this test model (30 tokens, 1 s voice, seed 0, small estimator), 2-core AMD EPYC
+# (AVX2), torch 2.6.0: relative L2 of the mel vs exact: bf16 estimator 0.0062, 5 steps 0.150 (CFG
+# off 0.274: see the test above for what it equals). With the full estimator on an Intel Xeon (AMX):
+# 0.0099 and 0.134. The bounds: a factor 2.5 below the smaller figure and above the larger.
 @pytest.mark.parametrize("options,low,high", [
-    (dict(s3gen_dtype="bfloat16"), 0.004, 0.025),
-    (dict(s3gen_steps=5), 0.05, 0.34),
+    (dict(s3gen_dtype="bfloat16"), 0.0025, 0.025),
+    (dict(s3gen_steps=5), 0.05, 0.375),
 ])
 def test_deviation_of_each_mode_within_measured_bounds(tiny_model, options, low, high, monkeypatch):
     # accelerate()'s own probe at 10 tokens, not 50: bf16 autocast is emulated on a CPU without

@@ -1,5 +1,5 @@
 """The OpenAI-compatible server as its users meet it: the real `chatterbox-accel serve` process on
-127.0.0.1 (a 2-layer T3 with the full S3Gen, accelerated), the real `openai` client, raw HTTP
+127.0.0.1 (a 2-layer T3 and a small S3Gen estimator, accelerated), the real `openai` client, raw HTTP
 where a client would misbehave. One server for the module (see the `server` fixture)."""
 import asyncio
 import base64

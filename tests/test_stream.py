@@ -25,9 +25,9 @@ def short_ref(gen: dict, tokens: int = 25) -> dict:
 
 @pytest.fixture(scope="module")
 def model(ckpt_dir):
-    from chatterbox_accel.checkpoints import tiny_english_model
+    from chatterbox_accel.checkpoints import TEST_ESTIMATOR, tiny_english_model
 
-    m = tiny_english_model(ckpt_dir, stop_after=16)
+    m = tiny_english_model(ckpt_dir, stop_after=16, estimator_blocks=TEST_ESTIMATOR)
     m.conds.gen = short_ref(m.conds.gen)
     return m
 
@@ -134,18 +134,22 @@ def test_a_seeded_stream_owns_its_generators_and_decodes_the_engines_tokens(mode
 
 def test_stream_carries_the_watermark(model):
     """Each chunk is marked behind 1 s of the audio already sent. Perth's detector scores
-    random-weight audio low and noisily: measured here generate() 0.22, the stream 0.043, the
-    stream without watermark 0.0005 (another text/length gave 0.028 / 0.07 / 0.0002). So the
-    test asserts the mark is present, far above unmarked, not that it scores like one-shot."""
+    random-weight audio low and very noisily from one audio to the next: measured on this test
+    model (small S3Gen estimator), stream / stream without watermark, seeds 0, 1, 2: 0.0036 /
+    0.00018, 0.55 / 0.00073, 0.77 / 0.00088 (generate(): 0.12, 0.44, 0.037). So the test asserts
+    the mark is present in each (above unmarked) and, over the three, far above unmarked; not
+    that it scores like one-shot."""
     chatterbox_accel.accelerate(model)
     detect = lambda audio: model.watermarker.get_watermark(  # noqa: E731
         audio.numpy(), sample_rate=model.sr, round=False).mean()
-    runs = {}
-    for watermark in (True, False):
-        torch.manual_seed(0)
-        runs[watermark] = detect(torch.cat([c for c, _ in model.generate_stream(
-            TEXT, chunk_size=8, first_chunk_size=8, watermark=watermark)]))
-    assert runs[True] > 20 * runs[False], runs
+    runs = {True: [], False: []}
+    for seed in (0, 1, 2):
+        for watermark in (True, False):
+            torch.manual_seed(seed)
+            runs[watermark].append(detect(torch.cat([c for c, _ in model.generate_stream(
+                TEXT, chunk_size=8, first_chunk_size=8, watermark=watermark)])))
+    assert all(marked > unmarked for marked, unmarked in zip(runs[True], runs[False])), runs
+    assert sum(runs[True]) > 20 * sum(runs[False]), runs
 
 
 def test_break_early_leaves_model_usable_and_interleaving_is_refused(model):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TINY_FACTORY = "chatterbox_accel.checkpoints:tiny_english_server_model"  # a 2-layer T3 on a full checkpoint
+TEST_FACTORY = "chatterbox_accel.checkpoints:tiny_english_test_model"  # ... and a small S3Gen estimator (tests)
 
 
 def free_port() -> int:
