@@ -77,6 +77,43 @@ def test_rows_leave_in_the_order_they_finish_and_free_slots_fill(runner):
     assert finished == [5, 6, 30]
 
 
+def test_a_burst_joins_within_the_prefill_budget_with_its_alone_tokens(runner):
+    """Guards the engine's prefill budget: while a row decodes, a burst of queued requests joins
+    at most `prefill_budget` prompt positions per step (at least one request a step, whatever
+    its length), and every request still gets its alone tokens."""
+    from chatterbox_accel.t3.batch import prefill_cost
+
+    reqs = [request(runner, 8, 1, 30), request(runner, 12, 2, 10), request(runner, 5, 3, 10),
+            request(runner, 10, 4, 10)]
+    alone = {r.key: t for r in reqs for _, t in SlotDecoder(runner, 1).run([reseeded(r)])}
+
+    def joins(budget):
+        decoder = SlotDecoder(runner, 4)
+        decoder.prefill_budget = budget
+        first, *burst = [reseeded(r) for r in reqs]
+        got, steps = {}, []
+        decoder.submit(first)
+        for phase in (0, 1):
+            if phase:
+                for r in burst:
+                    decoder.submit(r)
+            while decoder.busy:
+                events = decoder.step()
+                steps.append(sorted(r.key[1] for r, _, _ in events if r.key not in got))  # who joined
+                for r, new, _ in events:
+                    got.setdefault(r.key, []).extend(new)
+                if not phase:
+                    break  # the first request decodes; then the burst arrives
+        for key, tokens in alone.items():
+            assert got[key] == tokens.tolist(), (budget, key)
+        return [s for s in steps if s]
+
+    two = prefill_cost(reqs[1]) + prefill_cost(reqs[2])  # seeds 2 and 3 fit one step; 4 waits
+    assert joins(two) == [[1], [2, 3], [4]]
+    assert joins(1) == [[1], [2], [3], [4]]  # one request a step at least
+    assert joins(None) == [[1], [2, 3, 4]]
+
+
 def test_seeds_drive_the_tokens(runner):
     """Guards that the private generator is used: another seed gives other tokens, the same
     seed the same ones."""
@@ -209,12 +246,40 @@ def test_unconditional_text_table_is_per_voice_and_order_free(t3, runner, monkey
 
     runner.prefixes.clear()
     alone, n = logits(10)
+    (_, voice), = runner.prefixes.entries
+    assert voice.rows.max_len == n + TEXT_BLOCK  # sized to what it holds: the prefix and one block
+    grown, _ = logits(150)  # the same voice's rows grow (a copy) to three blocks
+    assert voice.rows.max_len == voice.upto == n + 3 * TEXT_BLOCK
     runner.prefixes.clear()
     long, _ = logits(150)
     assert runner.prefixes.entries[0][1].upto == n + 3 * TEXT_BLOCK  # 150 text positions: 3 blocks
+    assert torch.equal(grown, long)
     assert torch.equal(logits(10)[0], alone)
     want = original_forced_logits(t3, cond, text(150).expand(2, -1), forced, 0.5, monkeypatch)
     assert (long[: forced.numel()] - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_prefix_cache_is_lru_and_bounded_by_count_and_bytes():
+    from chatterbox_accel.t3.batch import PrefixCache
+
+    def key(i):
+        return torch.full((3, 4), float(i))
+
+    def value(kib):
+        return (torch.zeros(kib * 256), torch.zeros(kib * 256))  # 2 x kib KiB of float32
+
+    cache = PrefixCache(size=3, max_bytes=10 * 2048)
+    for i in range(3):
+        cache.put(key(i), value(2))
+    assert cache.get(key(0)) is not None  # 0 is now the most recently used ...
+    cache.put(key(3), value(2))  # ... so the 4th voice evicts 1, the least recently used
+    assert [int(k[0, 0]) for k, _ in cache.entries] == [3, 0, 2]
+    assert cache.get(key(1)) is None
+    cache.put(key(4), value(7))  # 14 KiB + 4 + 4 > 20 KiB: the older go until it fits
+    assert [int(k[0, 0]) for k, _ in cache.entries] == [4, 3] and cache.nbytes == 18 * 1024
+    cache.put(key(5), value(30))  # larger than the bound alone: kept (it is in use), alone
+    assert [int(k[0, 0]) for k, _ in cache.entries] == [5]
+    assert cache.get(torch.full((3, 5), 5.0)) is None  # another shape is another voice
 
 
 def test_reading_ids_every_k_steps_gives_the_same_tokens():

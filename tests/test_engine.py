@@ -191,6 +191,9 @@ def test_bad_requests_are_refused_at_submit(model):
         assert isinstance(failed, Failed) and "temperature" in str(failed.error)
         _, failed = run(engine, request(options={"speed": 2}))
         assert isinstance(failed, Failed) and "unknown option" in str(failed.error)
+        assert engine._decoder.prefill_budget == 256  # the default budget reached the decoder
+    with pytest.raises(ValueError, match="prefill_budget must be a positive int"):
+        Engine(model, prefill_budget=0, start=False)
 
 
 def test_a_decode_whose_request_was_dropped_raises_instead_of_spinning(tiny_t3):

@@ -12,8 +12,9 @@ it admits), steps every decoding request together, and turns each request's new 
 into audio chunks as its stream schedule fills (`S3GenStreamer`: a small first chunk, then
 `chunk_size` tokens, doubling up to `max_chunk_size`). Callers only submit, read events and cancel.
 
-- Admission: `submit` refuses past `max_batch + max_queue` requests in flight with `EngineBusy`
-  (a server's 429), and a request whose prompt plus `max_new_tokens` cannot fit the reserved
+- Admission: at step boundaries, at most `prefill_budget` prompt positions a step while others
+  decode (a burst spreads over a few steps). `submit` refuses past `max_batch + max_queue`
+  requests in flight with `EngineBusy` (a server's 429), and a request whose prompt plus `max_new_tokens` cannot fit the reserved
   cache with a ValueError naming the limit, so the cache never grows while serving.
 - Requests with different voices, options and seeds share each step; a seeded request draws its
   T3 sampling from its own generator and its S3Gen noise and vocoder draws from another, so its
@@ -48,6 +49,7 @@ from .voices import VoiceRegistry
 logger = logging.getLogger(__name__)
 
 MAX_PIECES = 200  # a long text's pieces (~50 000 characters)
+PREFILL_BUDGET = 256  # prompt positions prefilled per step while others decode (about 4 one-sentence requests)
 
 
 @dataclass(eq=False)
@@ -78,11 +80,15 @@ class _Stream:
 
 class Engine:
     def __init__(self, model, *, max_batch: int = 8, max_queue: int = 32, max_new_tokens: int = 1000,
-                 max_prompt: int = 512, split_chars: int = MAX_CHARS, start: bool = True):
+                 max_prompt: int = 512, split_chars: int = MAX_CHARS, prefill_budget: int | None = PREFILL_BUDGET,
+                 start: bool = True):
         """max_batch: requests decoded at once (T3 slots). max_queue: requests waiting beyond
         them before submit raises EngineBusy. max_new_tokens / max_prompt: the longest request
         admitted (its KV cache is reserved for them at start). split_chars: a longer text is
-        split into pieces (split.py) decoded in parallel and streamed in order."""
+        split into pieces (split.py) decoded in parallel and streamed in order. prefill_budget:
+        prompt positions (beyond each voice's shared prefix) prefilled in one step while other
+        requests decode, so a burst of arrivals spreads over steps instead of stalling every
+        running stream (at least one request is admitted per step; None: no bound)."""
         from ..families import family_of
         from .batch import BATCH_FAMILIES, _runner
 
@@ -99,6 +105,10 @@ class Engine:
         if isinstance(split_chars, bool) or not isinstance(split_chars, int) or split_chars < 20:
             raise ValueError(f"split_chars must be an int >= 20 (characters), got {split_chars!r}")
         self.split_chars = split_chars
+        if prefill_budget is not None and (isinstance(prefill_budget, bool) or not isinstance(prefill_budget, int)
+                                           or prefill_budget < 1):
+            raise ValueError(f"prefill_budget must be a positive int (positions per step) or None, got {prefill_budget!r}")
+        self.prefill_budget = prefill_budget
         self.voices = VoiceRegistry(model)
         self.runner = _runner(model)
         self.failures = {"admission": 0, "step": 0, "s3gen": 0, "taken_over": 0}
@@ -228,6 +238,7 @@ class Engine:
             self._decoder = self.runner.warm(self.runner.slots_for(self.max_batch, self.max_batch),
                                              self.max_prompt + self.max_new_tokens)
             self._decoder.cache = self.runner.slot_cache(self._decoder.slots, self.max_prompt + self.max_new_tokens)
+        self._decoder.prefill_budget = self.prefill_budget
 
     def _handle_inbox(self, inbox) -> None:
         for kind, item in inbox:

@@ -132,27 +132,55 @@ def shared_prefix(embeds: torch.Tensor) -> int:
     return int(differ[0, 0]) if differ.numel() else embeds.shape[1] - 1
 
 
+PREFIX_CACHE_BYTES = 1 << 30  # what a runner's voice prefixes may hold (~16 English voices in fp32)
+
+
 class PrefixCache:
     """What a runner keeps per voice (the conditioning prefix's K/V), by the prefix's own
-    embeddings (compared exactly), a few voices at a time. The runner keeps one, so a voice's
-    prefix runs once across calls too."""
+    embeddings (compared exactly), least recently used first out. Bounded by `size` voices and
+    by `max_bytes` (the newest entry always stays, so a voice larger than the bound still runs:
+    it is just not kept beside others). The runner keeps one, so a voice's prefix runs once
+    across calls too."""
 
-    def __init__(self, size: int = 4):
-        self.entries: list = []
-        self.size = size
+    def __init__(self, size: int = 16, max_bytes: int = PREFIX_CACHE_BYTES):
+        self.entries: list = []  # (key, value), most recently used first
+        self.size, self.max_bytes = size, max_bytes
 
     def get(self, embeds):
-        for key, value in self.entries:
+        for i, (key, value) in enumerate(self.entries):
             if key.shape == embeds.shape and torch.equal(key, embeds):
+                self.entries.insert(0, self.entries.pop(i))
                 return value
         return None
 
     def put(self, embeds, value):
-        self.entries = [(embeds.clone(), value)] + self.entries[: self.size - 1]
+        self.entries.insert(0, (embeds.clone(), value))
+        self.fit()
         return value
+
+    def fit(self) -> None:
+        """Evict the least recently used entries past the bounds (call after an entry grew)."""
+        while len(self.entries) > 1 and (len(self.entries) > self.size or self.nbytes > self.max_bytes):
+            self.entries.pop()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(value_bytes(value) for _, value in self.entries)
 
     def clear(self) -> None:
         self.entries = []
+
+
+def value_bytes(value) -> int:
+    """Bytes of a prefix entry: an object with a `rows` cache (T3Runner's) or a tuple of tensors."""
+    if hasattr(value, "rows"):
+        return value.rows.nbytes
+    return sum(t.numel() * t.element_size() for t in value)
+
+
+def prefill_cost(request: T3Request) -> int:
+    """Positions a request's prefill runs per row beyond its voice's shared prefix."""
+    return request.prompt_len - request.prefix_len
 
 
 @dataclass
@@ -187,6 +215,10 @@ class SlotDecoder:
         self.cache = None
         self.pending: list[torch.Tensor] = []  # sampled ids (S,) of steps the host has not read yet
         self.failed: list[tuple[T3Request, Exception]] = []  # requests whose admission failed (take_failed)
+        # Prompt positions prefilled per step while other rows decode (None: no bound). A burst of
+        # arrivals then delays the running rows' next token by about this much prefill, not all
+        # of it; at least one request is admitted each step whatever its length.
+        self.prefill_budget: int | None = None
         self.steps = 0  # decode steps run (for metrics)
 
     # ---- requests -------------------------------------------------------------------------------
@@ -248,14 +280,19 @@ class SlotDecoder:
         that ends at its first token frees its slot for the next step. A request whose prefill or
         first sample fails leaves its slot free again and goes to `failed`; the others go on (a
         joint prefill that fails is retried one request at a time, so only the culprit fails)."""
-        admitted = []
+        admitted, spent = [], 0
+        decoding = any(row is not None for row in self.rows)
         for s in range(self.slots):
             if self.rows[s] is not None or not self.queue:
                 continue
             if self.cache is None or self.cache.max_len < self.queue[0].max_len:
-                if admitted or any(row is not None for row in self.rows):
+                if admitted or decoding:
                     break  # a longer request waits for the decoder to drain, then the cache grows
                 self.cache = self.runner.slot_cache(self.slots, max(r.max_len for r in self.queue))
+            cost = prefill_cost(self.queue[0])
+            if decoding and admitted and self.prefill_budget is not None and spent + cost > self.prefill_budget:
+                break  # the rest wait for the next step: the running rows are not held up longer
+            spent += cost
             request = self.queue.popleft()
             self.rows[s] = _Slot(request)
             admitted.append((s, request))

@@ -16,7 +16,8 @@ TEXT_BLOCK = 64  # positions of the unconditional text table computed per forwar
 
 @dataclass
 class _VoiceRows:
-    """One voice's conditioning prefix and unconditional text table: K/V in a one-row cache."""
+    """One voice's conditioning prefix and unconditional text table: K/V in a one-row cache of
+    the positions computed so far (it grows, by a copy, when a longer text needs more blocks)."""
 
     rows: StaticKVCache
     upto: int  # positions computed: the prefix, then the table up to here
@@ -75,11 +76,15 @@ class SharedTextPrefill:
             return False
         llama, device = self.llama, embeds.device
         voice = self.prefixes.get(embeds[0, :n])
+        need = n + min(round_up(T, TEXT_BLOCK), table.shape[0])  # the prefix and the table's blocks up to T
         if voice is None:
-            rows = llama.new_cache(1, round_up(n + table.shape[0], 256), lazy=True)
+            rows = llama.new_cache(1, need, lazy=True)
             rows.ensure(n)
             llama.forward(embeds[:1, :n].to(llama.dtype), torch.arange(n, device=device), rows, n)
             voice = self.prefixes.put(embeds[0, :n], _VoiceRows(rows, n))
+        elif voice.rows.max_len < need:  # a longer text than this voice has seen: the rows grow
+            voice.rows = grown(llama, voice.rows, voice.upto, need)
+            self.prefixes.fit()
         while voice.upto < n + T:  # the next block of the unconditional text table
             a = voice.upto - n
             b = min(a + TEXT_BLOCK, table.shape[0])
@@ -129,6 +134,15 @@ class SharedTextPrefill:
             with torch.inference_mode():
                 cached = self._uncond_table = (weight, weight._version, torch.zeros_like(weight) + weight)
         return cached[2]
+
+
+def grown(llama, rows, upto: int, max_len: int):
+    """A one-row cache of `max_len` positions holding `rows`' first `upto`."""
+    new = llama.new_cache(1, max_len, lazy=True)
+    new.k[:, :, :, :upto].copy_(rows.k[:, :, :, :upto])
+    new.v[:, :, :, :upto].copy_(rows.v[:, :, :, :upto])
+    new.ready = upto
+    return new
 
 
 def round_up(n: int, multiple: int) -> int:
