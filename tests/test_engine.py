@@ -181,6 +181,28 @@ def test_close_ends_what_is_in_flight(model):
         engine.submit(request())
 
 
+def test_a_generate_while_the_engine_is_idle_costs_its_next_request_nothing(model):
+    """Old: a generate() on the engine's accelerated model, even between requests, took the T3
+    decoder, and the engine failed the next request it admitted (an AttributeError from the
+    decoder's dropped cache)."""
+    from chatterbox_accel import accelerate, restore
+
+    accelerate(model)  # generate() then decodes on the runner the engine uses
+    try:
+        want = alone(model, request(TEXTS[1], seed=5))
+        with Engine(model, max_batch=2, max_new_tokens=64, max_prompt=128) as engine:
+            assert engine.runner is _runner(model) and engine.runner is not None
+            _, first = run(engine, request(seed=4))
+            assert isinstance(first, Done)
+            model.generate(TEXTS[0])  # the decoder is the generate()'s now
+            assert not engine.runner.owns(engine._owner)
+            _, done = run(engine, request(TEXTS[1], seed=5))
+            assert isinstance(done, Done), done
+            assert done.speech_tokens == want.speech_tokens and engine.failures["taken_over"] == 0
+    finally:
+        restore(model)
+
+
 def test_bad_requests_are_refused_at_submit(model):
     with Engine(model, max_batch=1, max_new_tokens=64, max_prompt=128) as engine:
         with pytest.raises(ValueError, match="text is empty"):

@@ -25,9 +25,10 @@ into audio chunks as its stream schedule fills (`S3GenStreamer`: a small first c
   `failures` counts them.
 - Cancellation (`handle.cancel()`, a reader that stops, a handle dropped unread) frees the slot
   at the next step boundary.
-- The model is the engine's: a `generate()` or stream on the same model while the engine runs
-  takes the T3 decoder over; the engine notices at its next step, fails the requests it was
-  decoding with a clear error and takes the decoder back.
+- The model is the engine's: a `generate()` or stream on the same model while the engine
+  decodes takes the T3 decoder over; the engine notices at its next step, fails the requests it
+  was decoding with a clear error and takes the decoder back. One while the engine is idle costs
+  nothing: the engine takes the decoder back before its next admission.
 """
 from __future__ import annotations
 
@@ -262,6 +263,9 @@ class Engine:
     def _admit(self) -> None:
         """Waiting requests into the decoder's queue while slots are free (the decoder prefills
         them at its next step). Front-end failures fail that request only."""
+        if self._waiting and not self._running and not self.runner.owns(self._owner):
+            with torch.inference_mode():
+                self._claim()  # a generate() on this model ran while the engine was idle: nothing lost
         free = self._decoder.slots - len(self._running)
         while free > 0 and self._waiting:
             stream = self._waiting.popleft()
