@@ -114,6 +114,29 @@ def test_a_burst_joins_within_the_prefill_budget_with_its_alone_tokens(runner):
     assert joins(None) == [[1], [2, 3, 4]]
 
 
+def test_the_eager_step_computes_up_to_the_last_busy_slot(runner, monkeypatch):
+    """Guards the step's width: a decoder of 4 slots with one request runs its 2 rows, not 8
+    (the engine's decoder serving one stream), with the tokens of a one-slot decoder; a step
+    that keeps its shapes (compiled or captured) still gets every slot."""
+    widths = []
+    real = runner.slot_logits
+
+    def spy(state, cache, kv_len):
+        widths.append((state.slots, cache.batch))
+        return real(state, cache, kv_len)
+
+    r = request(runner, 8, 1, 12)
+    alone = [t for _, t in SlotDecoder(runner, 1).run([reseeded(r)])][0]
+    monkeypatch.setattr(runner, "slot_logits", spy)
+    monkeypatch.setattr(runner, "step", spy)  # the eager step is the runner's slot_logits
+    wide = [t for _, t in SlotDecoder(runner, 4).run([reseeded(r)])][0]
+    assert torch.equal(wide, alone) and set(widths) == {(1, 2)}
+    widths.clear()
+    monkeypatch.setattr(runner, "step", lambda *a: spy(*a))  # another step: fixed shapes
+    assert torch.equal([t for _, t in SlotDecoder(runner, 4).run([reseeded(r)])][0], alone)
+    assert set(widths) == {(4, 8)}
+
+
 def test_seeds_drive_the_tokens(runner):
     """Guards that the private generator is used: another seed gives other tokens, the same
     seed the same ones."""

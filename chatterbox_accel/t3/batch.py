@@ -107,6 +107,10 @@ class SlotState:
     def slots(self) -> int:
         return self.token.shape[0]
 
+    def rows(self, start: int, stop: int) -> "SlotState":
+        """Slots start..stop-1 (views: reads see the decoder's state)."""
+        return SlotState(self.token[start:stop], self.pos[start:stop], self.speech_pos[start:stop])
+
 
 def cfg_combine_pairs(logits: torch.Tensor, cfg_weight: torch.Tensor) -> torch.Tensor:
     """(2S, V) rows in CFG pairs -> (S, V): `cond + cfg * (cond - uncond)` per pair, float32."""
@@ -381,12 +385,19 @@ class SlotDecoder:
                      for row in self.rows if row is not None)
         kv_len = runner.kv_len_for(newest, self.cache)
         self.cache.ensure(kv_len)  # outside the step: a captured step must not branch on it
-        logits = runner.step(state, self.cache, kv_len)  # (rows_per_slot * S, V)
-        combined = runner.combine(logits, self.params)
+        n, params, cache = self.width(active), self.params, self.cache
+        if n < self.slots:  # the free slots past the last busy one are not computed
+            R = runner.rows_per_slot
+            state, params, cache = state.rows(0, n), params.rows(0, n), cache.rows(0, R * n)
+        logits = runner.step(state, cache, kv_len)  # (rows_per_slot * n, V)
+        combined = runner.combine(logits, params)
         if self.multilingual:
-            combined = self._analyze(combined, active)
-        generators = [row.request.generator if row is not None else None for row in self.rows]
-        nxt = self._sample(combined, self.presence, self.params, generators, active)
+            combined = self._analyze(combined, active[:n])
+        generators = [row.request.generator if row is not None else None for row in self.rows[:n]]
+        nxt = self._sample(combined, self.presence[:n], params, generators, active[:n])
+        if n < self.slots:
+            nxt = torch.cat([nxt, nxt.new_full((self.slots - n,), -1)])
+        state = self.state
         self.steps += 1
         on = self.on  # the host's `active`, kept on the device (no copy per step)
         state.token.copy_(torch.where(on & (nxt >= 0), nxt, state.token))
@@ -395,6 +406,14 @@ class SlotDecoder:
         self.pending.append(nxt)
         if len(self.pending) >= self.sync_every or self._must_sync():
             self._sync(events)
+
+    def width(self, active: list) -> int:
+        """Slots a decode step computes: with the eager step, up to the last busy one (a server's
+        decoder of 8 slots serving one request runs 2 rows, not 16: on a CPU the step's cost
+        grows with its rows); a compiled or captured step keeps its shapes: every slot."""
+        if self.runner.step != self.runner.slot_logits:
+            return self.slots
+        return max(s for s, on in enumerate(active) if on) + 1
 
     def _must_sync(self) -> bool:
         """A row reaches its max_new_tokens with the ids not read yet (the host must free its slot
