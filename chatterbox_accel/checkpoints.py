@@ -265,10 +265,10 @@ def small_estimator(n_blocks: int = 1, num_mid_blocks: int = 1):
 TEST_ESTIMATOR = (1, 1)  # the test models' S3Gen estimator blocks (tiny_english_test_model, tests' fixtures)
 
 
-def tiny_english_server_model(folder, device="cpu"):
+def tiny_english_server_model(folder, device="cpu", estimator_blocks: tuple[int, int] | None = None):
     """`tiny_english_model` for a process that builds one model (the Ray replicas, `--tiny`
     benchmarks): the S3Gen template, kept for the next tiny model, is let go (~1 GB per process)."""
-    model = tiny_english_model(folder, device)
+    model = tiny_english_model(folder, device, estimator_blocks=estimator_blocks)
     _S3GEN_TEMPLATES.clear()
     return model
 
@@ -276,9 +276,7 @@ def tiny_english_server_model(folder, device="cpu"):
 def tiny_english_test_model(folder, device="cpu"):
     """`tiny_english_server_model` with the small S3Gen estimator (TEST_ESTIMATOR): the test
     servers' model (API, streaming and scheduling are their subject, not S3Gen's compute)."""
-    model = tiny_english_model(folder, device, estimator_blocks=TEST_ESTIMATOR)
-    _S3GEN_TEMPLATES.clear()
-    return model
+    return tiny_english_server_model(folder, device, estimator_blocks=TEST_ESTIMATOR)
 
 
 _S3GEN_TEMPLATES: dict = {}
