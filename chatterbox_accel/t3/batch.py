@@ -385,11 +385,11 @@ class SlotDecoder:
                      for row in self.rows if row is not None)
         kv_len = runner.kv_len_for(newest, self.cache)
         self.cache.ensure(kv_len)  # outside the step: a captured step must not branch on it
-        n, params, cache = self.width(active), self.params, self.cache
+        n, step_state, params, cache = self.width(active), state, self.params, self.cache
         if n < self.slots:  # the free slots past the last busy one are not computed
             R = runner.rows_per_slot
-            state, params, cache = state.rows(0, n), params.rows(0, n), cache.rows(0, R * n)
-        logits = runner.step(state, cache, kv_len)  # (rows_per_slot * n, V)
+            step_state, params, cache = state.rows(0, n), params.rows(0, n), cache.rows(0, R * n)
+        logits = runner.step(step_state, cache, kv_len)  # (rows_per_slot * n, V)
         combined = runner.combine(logits, params)
         if self.multilingual:
             combined = self._analyze(combined, active[:n])
@@ -397,7 +397,6 @@ class SlotDecoder:
         nxt = self._sample(combined, self.presence[:n], params, generators, active[:n])
         if n < self.slots:
             nxt = torch.cat([nxt, nxt.new_full((self.slots - n,), -1)])
-        state = self.state
         self.steps += 1
         on = self.on  # the host's `active`, kept on the device (no copy per step)
         state.token.copy_(torch.where(on & (nxt >= 0), nxt, state.token))
