@@ -49,13 +49,17 @@ def row_noise(ref: dict, n_tokens: int, ratio: int, meanflow: bool, generator, d
 
 @torch.inference_mode()
 def flow_mels(flow, tokens: list, refs: list, noises: list, n_timesteps: int, meanflow: bool,
-              finalize: bool = True) -> list:
+              finalize: bool | list = True) -> list:
     """Mels (1, 80, frames_b) for rows of speech tokens (1-D), each with its reference dict
-    (on the flow's device) and noise (`row_noise`). `finalize=True`, as `S3Gen.inference`;
-    False (one row: the streamer's chunks) leaves out the last tokens' frames, whose encoder
-    lookahead is not complete yet, as upstream's `finalize=False`."""
+    (on the flow's device) and noise (`row_noise`). `finalize` (one bool for all rows, or one
+    per row): True, as `S3Gen.inference`; False (the streamer's chunks before the last) leaves
+    out the row's last tokens' frames, whose encoder lookahead is not complete yet, as
+    upstream's `finalize=False`: its frames end earlier, under its own mask."""
     from chatterbox.models.s3gen.utils.mask import make_pad_mask
 
+    finals = [finalize] * len(tokens) if isinstance(finalize, bool) else [bool(f) for f in finalize]
+    if len(finals) != len(tokens):
+        raise ValueError(f"finalize has {len(finals)} values for {len(tokens)} rows")
     seqs = [torch.cat([ref["prompt_token"].reshape(-1), t.reshape(-1).to(ref["prompt_token"].device)])
             for t, ref in zip(tokens, refs)]
     lens = torch.tensor([s.numel() for s in seqs], device=seqs[0].device)
@@ -65,11 +69,11 @@ def flow_mels(flow, tokens: list, refs: list, noises: list, n_timesteps: int, me
     mask = (~make_pad_mask(lens)).unsqueeze(-1).to(embedding)
     h, h_masks = encode(flow.encoder, flow.input_embedding(token.long()) * mask, lens)
     h_lengths = h_masks.sum(dim=-1).squeeze(dim=-1)
-    if not finalize:
-        if len(seqs) != 1:
-            raise ValueError("finalize=False takes one row")
+    if not all(finals):  # a row not finalized ends `cut` frames earlier; the batch is cut to the longest
         cut = flow.pre_lookahead_len * flow.token_mel_ratio
-        h, h_lengths = h[:, :-cut], h_lengths - cut
+        h_lengths = h_lengths - cut * torch.tensor([not f for f in finals], device=h_lengths.device,
+                                                   dtype=h_lengths.dtype)
+        h = h[:, : int(h_lengths.max())]
     h = flow.encoder_proj(h)
     B, T = h.shape[:2]
     prompt_frames = [ref["prompt_feat"].shape[1] for ref in refs]
