@@ -142,16 +142,17 @@ def s3gen_tokens(model):
 
 
 def streamed_tokens(monkeypatch):
-    """The speech tokens every S3GenStreamer is pushed, in order (a list filled as they come)."""
-    from chatterbox_accel.stream import S3GenStreamer
+    """The speech tokens every S3GenStreamer is given (push or push_many: both plan), in order
+    (a list filled as they come)."""
+    from chatterbox_accel.s3gen_stream import S3GenStreamer
 
-    seen, push = [], S3GenStreamer.push
+    seen, plan = [], S3GenStreamer.plan
 
     def recording(self, ids, final):
         seen.append(ids.detach().reshape(-1).clone())
-        return push(self, ids, final)
+        return plan(self, ids, final)
 
-    monkeypatch.setattr(S3GenStreamer, "push", recording)
+    monkeypatch.setattr(S3GenStreamer, "plan", recording)
     return seen
 
 

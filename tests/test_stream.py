@@ -92,6 +92,67 @@ def test_stream_matches_one_shot_and_joins_are_seamless(model, one_shot):
     assert (steps <= limit).all(), (steps, limit)
 
 
+def streams_of(model, specs):
+    """One S3GenStreamer per (prompt tokens, seed, context, chunk sizes): its own voice prompt
+    length, noise and vocoder draws; its chunks of fixed random tokens."""
+    out = []
+    for prompt, seed, context, sizes in specs:
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, 6561, (sum(sizes),), generator=g)
+        streamer = S3GenStreamer(model.s3gen, short_ref(model.conds.gen, prompt), tokens.numel(),
+                                 context_tokens=context, generator=torch.Generator().manual_seed(seed))
+        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        chunks = [(tokens[a:b], b == tokens.numel()) for a, b in zip(bounds, bounds[1:])]
+        out.append((streamer, chunks))
+    return out
+
+
+SPECS = [(25, 1, 100, (7, 9, 14)),   # ends at chunk 2 while the others go on (per-row finalize)
+         (20, 2, 100, (5, 12, 8, 5)),  # a shorter voice prompt: padded beside the others
+         (25, 3, 8, (6, 6, 6, 6, 6))]  # a short context: its window starts after the prompt's
+
+
+@pytest.mark.parametrize("group", [None, 2])
+def test_push_many_rows_equal_each_stream_alone(model, group):
+    """Guards S3Gen batched across streams (the engine's chunks): streams with different voice
+    prompts, noise, context and chunking, some finishing while others go on, pushed together
+    through `push_many` give each stream the audio it gets pushed alone, within 1e-4 of its
+    peak (float32 rounding of the padded batch), and their flows share calls."""
+    from chatterbox_accel.s3gen_stream import push_many
+
+    alone = [[streamer.push(ids, final) for ids, final in chunks] for streamer, chunks in streams_of(model, SPECS)]
+    together, stats = [[] for _ in SPECS], {}
+    streams = streams_of(model, SPECS)
+    for k in range(max(len(c) for _, c in streams)):
+        live = [(i, s, c[k]) for i, (s, c) in enumerate(streams) if k < len(c)]
+        outs = push_many([(s, ids, final) for _, s, (ids, final) in live], group, stats)
+        for (i, _, _), audio in zip(live, outs):
+            assert torch.is_tensor(audio), audio
+            together[i].append(audio)
+    assert stats["flow_rows"] > stats["flow_calls"]
+    for want, got in zip(alone, together):
+        want, got = torch.cat(want), torch.cat(got)
+        assert got.shape == want.shape and want.abs().max() > 0
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_a_failing_row_of_a_shared_flow_call_fails_alone(model):
+    """Guards push_many's isolation: a stream whose flow raises (here an x-vector of the wrong
+    size, which breaks the batched call) gets its exception; its batch-mates, retried row by row,
+    get the audio they get alone."""
+    from chatterbox_accel.s3gen_stream import push_many
+
+    (a, ca), (b, cb) = streams_of(model, SPECS[:2])
+    want = a.push(*ca[0])
+    (a, ca), (b, cb) = streams_of(model, SPECS[:2])
+    b.ref["embedding"] = b.ref["embedding"][..., :-1]
+    stats = {}
+    got, failed = push_many([(a, *ca[0]), (b, *cb[0])], None, stats)
+    assert isinstance(failed, RuntimeError)
+    assert torch.is_tensor(got) and (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert (stats["flow_calls"], stats["flow_rows"], stats["flow_retries"]) == (1, 2, 2)
+
+
 def test_same_seed_same_tokens_as_generate(model, monkeypatch):
     chatterbox_accel.accelerate(model)
     pushed = streamed_tokens(monkeypatch)
