@@ -40,31 +40,10 @@ def pct(values, q):
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
 
 
-class S3GenClock:
-    """Wall seconds inside the streamer's passes (S3GenStreamer.push: flow, vocoder, watermark)."""
-
-    def __init__(self):
-        from chatterbox_accel.stream import S3GenStreamer
-
-        self.cls, self.inner, self.seconds = S3GenStreamer, S3GenStreamer.push, 0.0
-        clock = self
-
-        def push(streamer, *args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return clock.inner(streamer, *args, **kwargs)
-            finally:
-                clock.seconds += time.perf_counter() - start
-        self.cls.push = push
-
-    def close(self):
-        self.cls.push = self.inner
-
-
 def engine_level(engine, n, voices, stagger, seed0):
     from chatterbox_accel.engine import SpeechRequest
 
-    clock = S3GenClock()
+    before = dict(engine.s3gen_stats)
     results, threads = [None] * n, []
 
     def read(i, handle):
@@ -72,19 +51,17 @@ def engine_level(engine, n, voices, stagger, seed0):
         results[i] = usage
 
     start = time.perf_counter()
-    try:
-        for i in range(n):
-            if i and stagger:
-                time.sleep(stagger)
-            handle = engine.submit(SpeechRequest(TEXTS[i % len(TEXTS)], voice=voices[i % len(voices)], seed=seed0 + i))
-            thread = threading.Thread(target=read, args=(i, handle))
-            thread.start()
-            threads.append(thread)
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - start
-    finally:
-        clock.close()
+    for i in range(n):
+        if i and stagger:
+            time.sleep(stagger)
+        handle = engine.submit(SpeechRequest(TEXTS[i % len(TEXTS)], voice=voices[i % len(voices)], seed=seed0 + i))
+        thread = threading.Thread(target=read, args=(i, handle))
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    s3gen = {k: engine.s3gen_stats[k] - before[k] for k in before}
     first = [u.time_to_first_chunk for u in results]
     total = [u.total_seconds for u in results]
     audio = sum(u.audio_seconds for u in results)
@@ -93,7 +70,8 @@ def engine_level(engine, n, voices, stagger, seed0):
             "first_chunk_p95_s": round(pct(first, 0.95), 3), "latency_p50_s": round(statistics.median(total), 2),
             "latency_p95_s": round(pct(total, 0.95), 2), "audio_s": round(audio, 2),
             "audio_s_per_wall_s": round(audio / wall, 4), "t3_tokens_per_s": round(tokens / wall, 2),
-            "s3gen_share": round(clock.seconds / wall, 3)}
+            "s3gen_share": round(s3gen["seconds"] / wall, 3),
+            "flow_rows_per_call": round(s3gen["flow_rows"] / max(1, s3gen["flow_calls"]), 2)}
 
 
 def sequential_stream(model, texts, seed0, voice_path=None):

@@ -10,7 +10,10 @@ One thread (the engine's loop) alone touches the model: it admits submitted requ
 runner's T3 decoder of `max_batch` slots (its KV cache reserved at start for the longest request
 it admits), steps every decoding request together, and turns each request's new speech tokens
 into audio chunks as its stream schedule fills (`S3GenStreamer`: a small first chunk, then
-`chunk_size` tokens, doubling up to `max_chunk_size`). Callers only submit, read events and cancel.
+`chunk_size` tokens, doubling up to `max_chunk_size`). The chunks of all streams whose schedule
+fills in the same step go through S3Gen's flow together (`push_many`: one call for all on a GPU,
+pairs on a CPU) on the packed products where they measure faster (`s3gen_kernel="batch"`); HiFT
+and the watermark run per stream. Callers only submit, read events and cancel.
 
 - Admission: at step boundaries, at most `prefill_budget` prompt positions a step while others
   decode (a burst spreads over a few steps). `submit` refuses past `max_batch + max_queue`
@@ -41,6 +44,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..s3gen_kernels import batch_products, prepare_batch
+from ..s3gen_stream import S3GenStreamer, push_many
 from ..stream import S3_SEED_OFFSET
 from .split import MAX_CHARS, JoinedHandle, split_text
 from .requests import (AudioChunk, Done, EngineBusy, EngineClosed, Failed, Handle, SpeechRequest, Usage,
@@ -91,7 +96,7 @@ class Engine:
         requests decode, so a burst of arrivals spreads over steps instead of stalling every
         running stream (at least one request is admitted per step; None: no bound)."""
         from ..families import family_of
-        from .batch import BATCH_FAMILIES, _runner
+        from .batch import BATCH_FAMILIES, CPU_FLOW_GROUP, _runner
 
         family = family_of(model)
         if family not in BATCH_FAMILIES:
@@ -114,6 +119,10 @@ class Engine:
         self.runner = _runner(model)
         self.failures = {"admission": 0, "step": 0, "s3gen": 0, "taken_over": 0}
         self.steps = 0
+        # S3Gen: stream windows per flow call (all of a step's on a GPU; on a CPU, where the flow is
+        # compute-bound, pairs: engine/batch.py CPU_FLOW_GROUP), and what they cost
+        self.flow_group = CPU_FLOW_GROUP if next(model.s3gen.parameters()).device.type == "cpu" else None
+        self.s3gen_stats = {"seconds": 0.0, "flow_calls": 0, "flow_rows": 0, "flow_retries": 0}
         self._inbox: deque = deque()       # ("submit", stream) | ("cancel", handle)
         self._waiting: deque[_Stream] = deque()
         self._running: dict[int, _Stream] = {}  # id(T3Request) -> stream
@@ -240,6 +249,7 @@ class Engine:
                                              self.max_prompt + self.max_new_tokens)
             self._decoder.cache = self.runner.slot_cache(self._decoder.slots, self.max_prompt + self.max_new_tokens)
         self._decoder.prefill_budget = self.prefill_budget
+        prepare_batch(self.model)  # S3Gen's packed products for the stream windows: packed and timed now
 
     def _handle_inbox(self, inbox) -> None:
         for kind, item in inbox:
@@ -328,52 +338,72 @@ class Engine:
             if stream is not None:
                 self.failures["admission"] += 1
                 self._finish(stream, Failed(exc))
+        ready = []
         for t3, ids, finished in events:
             stream = self._running.get(id(t3))
             if stream is None:
                 continue
-            if not self._feed(stream, ids, finished):  # ended: _finish took it out of _running
+            if stream.handle_ref() is None:  # dropped unread
+                self._finish(stream, None)
                 self._decoder.cancel(t3)
+            elif self._take(stream, ids, finished):
+                ready.append((stream, finished))
+        if ready:
+            self._synthesize(ready)
         for key, stream in list(self._running.items()):  # never wait on a row the decoder lost
             if not self._decoder.holds(stream.t3):
                 del self._running[key]
                 self._finish(stream, Failed(RuntimeError("the T3 decoder dropped this request")))
 
-    def _feed(self, stream: _Stream, ids: list, finished: bool) -> bool:
-        """New speech ids of one stream; audio out when its schedule fills. False: the stream
-        ended (failed, or its handle was dropped)."""
+    def _take(self, stream: _Stream, ids: list, finished: bool) -> bool:
+        """New speech ids of one stream; True when its chunk schedule has filled (or it ended)."""
         from .frontend import clean_tokens
 
-        if stream.handle_ref() is None:
-            self._finish(stream, None)
-            return False
         stream.pending += clean_tokens(self.runner, ids)
         stream.tokens += len(ids)
-        target = chunk_target(stream.request, stream.chunks)
-        if not finished and len(stream.pending) < target:
-            return True
-        try:
-            with torch.inference_mode():
-                audio = self._synthesize(stream, finished)
-        except Exception as exc:
-            self.failures["s3gen"] += 1
-            self._finish(stream, Failed(exc))
-            return False
+        return finished or len(stream.pending) >= chunk_target(stream.request, stream.chunks)
+
+    def _synthesize(self, ready: list) -> None:
+        """The chunks of every stream whose schedule filled this step, through S3Gen together
+        (`s3gen_stream.push_many`: their flow windows batched, `flow_group` rows per call), then
+        out as events. An S3Gen failure fails its stream only."""
+        items, streams = [], []
+        for stream, final in ready:
+            try:
+                items.append((self._streamer(stream), self._chunk_ids(stream, final), final))
+                streams.append((stream, final))
+            except Exception as exc:
+                self._s3gen_failed(stream, final, exc)
+        start = time.perf_counter()
+        with torch.inference_mode(), batch_products(self.model):
+            outs = push_many(items, self.flow_group, self.s3gen_stats)
+        self.s3gen_stats["seconds"] += time.perf_counter() - start
+        for (stream, final), audio in zip(streams, outs):
+            if isinstance(audio, Exception):
+                self._s3gen_failed(stream, final, audio)
+            else:
+                self._emit(stream, audio, final)
+
+    def _s3gen_failed(self, stream: _Stream, final: bool, exc: Exception) -> None:
+        self.failures["s3gen"] += 1
+        self._finish(stream, Failed(exc))
+        if not final:
+            self._decoder.cancel(stream.t3)
+
+    def _emit(self, stream: _Stream, audio: torch.Tensor, final: bool) -> None:
         now = time.perf_counter() - stream.submitted
-        if audio.numel() or finished:
+        if audio.numel() or final:
             stream.first_chunk = stream.first_chunk if stream.first_chunk is not None else now
             stream.samples += audio.numel()
-            stream.put(AudioChunk(audio.cpu(), stream.chunks, stream.samples, self.model.sr, now, finished))
+            stream.put(AudioChunk(audio.cpu(), stream.chunks, stream.samples, self.model.sr, now, final))
             stream.chunks += 1
-        if finished:
+        if final:
             audio_s = stream.samples / self.model.sr
             self._finish(stream, Done(Usage(stream.text_tokens, stream.tokens, audio_s,
                                             stream.first_chunk or now, now), list(stream.speech)))
-        return not finished
 
-    def _synthesize(self, stream: _Stream, final: bool) -> torch.Tensor:
+    def _streamer(self, stream: _Stream):
         from ..s3gen_fast import modes_of
-        from ..stream import S3GenStreamer
         from .frontend import tail_tokens
 
         if stream.streamer is None:
@@ -382,10 +412,15 @@ class Engine:
                 self.model.s3gen, stream.conds.gen, max_tokens, context_tokens=stream.request.context_tokens,
                 watermarker=self.model.watermarker if stream.request.watermark else None,
                 sample_rate=self.model.sr, modes=modes_of(self.model), generator=stream.s3_generator)
+        return stream.streamer
+
+    def _chunk_ids(self, stream: _Stream, final: bool) -> torch.Tensor:
+        from .frontend import tail_tokens
+
         ids = stream.pending + (tail_tokens(self.family) if final else [])
         stream.pending = []
         stream.speech += ids
-        return stream.streamer.push(torch.tensor(ids, dtype=torch.long), final)
+        return torch.tensor(ids, dtype=torch.long)
 
     def _finish(self, stream: _Stream, event) -> None:
         """The stream's last event. The engine's books are settled first, so a caller woken by
