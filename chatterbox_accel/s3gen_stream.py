@@ -196,10 +196,11 @@ class S3GenStreamer:
 
 
 @torch.inference_mode()
-def push_many(items: list, group: int | None = None, stats: dict | None = None) -> list:
+def push_many(items: list, max_frames: int | None = None, stats: dict | None = None) -> list:
     """`S3GenStreamer.push` for many streams of one S3Gen at once: [(streamer, ids, final)] ->
     per item its audio, or the exception its own chunk raised. The windows that need the flow go
-    through `flow_mels` together, `group` rows per call (None: all); each row is computed under
+    through `flow_mels` together, as many per call as fit `max_frames` mel frames (at least one;
+    None: all in one call); each row is computed under
     its own mask, noise and finalize, so its mel equals its single-row pass within float32
     rounding (tests/test_stream.py). HiFT and the watermark then run per row: the vocoder's
     excitation is each stream's own state, and its random draws its own generator's. A flow call
@@ -215,10 +216,7 @@ def push_many(items: list, group: int | None = None, stats: dict | None = None) 
         except Exception as exc:
             out[i] = exc
     mels = {}
-    flowing = [(i, w) for i, w in windows if w.tokens is not None]
-    size = len(flowing) if not group else group
-    for k in range(0, len(flowing), max(1, size)):
-        part = flowing[k : k + size]
+    for part in _calls([(i, w) for i, w in windows if w.tokens is not None], max_frames):
         if stats is not None:
             stats["flow_calls"] = stats.get("flow_calls", 0) + 1
             stats["flow_rows"] = stats.get("flow_rows", 0) + len(part)
@@ -243,6 +241,19 @@ def push_many(items: list, group: int | None = None, stats: dict | None = None) 
         except Exception as exc:
             out[i] = exc
     return out
+
+
+def _calls(flowing: list, max_frames: int | None) -> list:
+    """The windows cut into flow calls of at most `max_frames` frames each (at least one window)."""
+    calls, frames = [], 0
+    for i, w in flowing:
+        n = w.noise.shape[2]
+        if not calls or (max_frames is not None and frames + n > max_frames):
+            calls.append([])
+            frames = 0
+        calls[-1].append((i, w))
+        frames += n
+    return calls
 
 
 def _flow(part: list) -> list:

@@ -10,8 +10,8 @@ share the work:
   `generate_stream()` decode through, with one slot), `max_batch` requests decoding at once in
   slots they join and leave at step boundaries (more texts than slots keep the slots full).
   Turbo's T3 the same way with one row per slot (its GPT-2 step, t3/turbo.py).
-- S3Gen: `s3gen_batch.flow_mels`, up to `max_batch` rows per flow call (on a CPU, where the
-  flow is compute-bound, `CPU_FLOW_GROUP`), each with its own voice, tokens and noise; HiFT and
+- S3Gen: `s3gen_batch.flow_mels`, up to `max_batch` rows per flow call (`CPU_FLOW_GROUP` on a
+  CPU where the packed products run: `packed_flow`), each with its own voice, tokens and noise; HiFT and
   the watermark per row.
 - Randomness: a request with a `seed` owns a `torch.Generator`: its T3 sampling, its CFM noise
   and its vocoder draws come from it, so its output does not depend on its batch-mates (the
@@ -402,13 +402,33 @@ def _turbo_tokens(model, rows, max_batch, metrics, bar):
         row.tokens = torch.cat([tokens[tokens < SPEECH_VOCAB], silence])
 
 
-# Utterances per flow call on a CPU. The flow is compute-bound there, so batching saves nothing,
-# and large calls ran slower: 8 utterances of 3 s (3 s voice) took 38.4-41.2 s in calls of 8
-# and 29.9 / 30.6 / 32.5 s in calls of 2 / 4 / 1 with s3gen_kernel="onednn" (oneDNN is less
-# efficient at 4800-row products than at 1200), 44.5-47.2 s either way on F.linear (2-core AMD
-# EPYC Zen 5, torch 2.6.0). Each row is computed under its own mask and noise, so a row's mel
-# differs between groupings by float32 rounding only (test_batch compares rows with single runs).
+# Utterances per flow call on a CPU where S3Gen's packed (oneDNN) products run: large calls ran
+# slower there: 8 utterances of 3 s (3 s voice) took 38.4-41.2 s in calls of 8 and 29.9 / 30.6 /
+# 32.5 s in calls of 2 / 4 / 1 with s3gen_kernel="onednn" (oneDNN is less efficient at 4800-row
+# products than at 1200; 2-core AMD EPYC Zen 5, torch 2.6.0). On F.linear (MKL) larger calls do
+# not lose: 44.5-47.2 s either way on that CPU, and on a 2-core AVX2 EPYC the flows of 4 stream
+# windows took 28.6 / 23.6 / 23.3 s in calls of 1 / 2 / 4 (first chunks, 174 frames each) and
+# 35.5 / 31.6 / 32.5 s (second chunks, 224 frames): scripts/bench_flow_group.py,
+# bench/results/flow_group_english_epyc_avx2.json. Each row is computed
+# under its own mask and noise, so a row's mel differs between groupings by float32 rounding only
+# (test_batch and test_stream compare rows with single runs).
 CPU_FLOW_GROUP = 2
+PACKED_FLOW_FRAMES = 1200  # the engine's stream windows per flow call where the packed products run
+
+
+def packed_flow(model) -> bool:
+    """Whether S3Gen's packed products run in the batched flow calls (on a CPU, where the gate
+    measured them faster: call after `prepare_batch`)."""
+    from ..patching import state_of
+
+    return next(model.s3gen.parameters()).device.type == "cpu" and state_of(model, "s3gen_kernels") is not None
+
+
+def flow_frames(model) -> int | None:
+    """The engine's mel frames per S3Gen flow call: no bound (None) on a GPU and on F.linear,
+    PACKED_FLOW_FRAMES (2400 CFG rows, as two of generate_batch's utterances) where the packed
+    products run."""
+    return PACKED_FLOW_FRAMES if packed_flow(model) else None
 
 
 def _synthesize(model, rows, max_batch, metrics, bar) -> list[Result]:
@@ -419,7 +439,8 @@ def _synthesize(model, rows, max_batch, metrics, bar) -> list[Result]:
     flow, ratio = s3gen.flow, s3gen.flow.token_mel_ratio
     results = [None] * len(rows)
     order = sorted(rows, key=lambda r: r.tokens.numel())  # similar lengths share a flow call
-    group_size = max_batch if s3gen.device.type != "cpu" else min(max_batch, CPU_FLOW_GROUP)
+    prepare_batch(model)  # whether the packed products run decides the group
+    group_size = min(max_batch, CPU_FLOW_GROUP) if packed_flow(model) else max_batch
     for i in range(0, len(order), group_size):
         group = order[i : i + group_size]
         t = time.perf_counter()

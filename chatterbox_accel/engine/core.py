@@ -11,9 +11,9 @@ runner's T3 decoder of `max_batch` slots (its KV cache reserved at start for the
 it admits), steps every decoding request together, and turns each request's new speech tokens
 into audio chunks as its stream schedule fills (`S3GenStreamer`: a small first chunk, then
 `chunk_size` tokens, doubling up to `max_chunk_size`). The chunks of all streams whose schedule
-fills in the same step go through S3Gen's flow together (`push_many`: one call for all on a GPU,
-pairs on a CPU) on the packed products where they measure faster (`s3gen_kernel="batch"`); HiFT
-and the watermark run per stream. Callers only submit, read events and cancel.
+fills in the same step go through S3Gen's flow together (`push_many`: one call for all, or calls
+of up to 1200 frames on a CPU where the packed products measure faster and run:
+`batch.flow_frames`); HiFT and the watermark run per stream. Callers only submit, read events and cancel.
 
 - Admission: at step boundaries, at most `prefill_budget` prompt positions a step while others
   decode (a burst spreads over a few steps). `submit` refuses past `max_batch + max_queue`
@@ -47,6 +47,7 @@ import torch
 from ..s3gen_kernels import batch_products, prepare_batch
 from ..s3gen_stream import S3GenStreamer, push_many
 from ..stream import S3_SEED_OFFSET
+from .batch import flow_frames
 from .split import MAX_CHARS, JoinedHandle, split_text
 from .requests import (AudioChunk, Done, EngineBusy, EngineClosed, Failed, Handle, SpeechRequest, Usage,
                        chunk_target)
@@ -96,7 +97,7 @@ class Engine:
         requests decode, so a burst of arrivals spreads over steps instead of stalling every
         running stream (at least one request is admitted per step; None: no bound)."""
         from ..families import family_of
-        from .batch import BATCH_FAMILIES, CPU_FLOW_GROUP, _runner
+        from .batch import BATCH_FAMILIES, _runner
 
         family = family_of(model)
         if family not in BATCH_FAMILIES:
@@ -119,9 +120,7 @@ class Engine:
         self.runner = _runner(model)
         self.failures = {"admission": 0, "step": 0, "s3gen": 0, "taken_over": 0}
         self.steps = 0
-        # S3Gen: stream windows per flow call (all of a step's on a GPU; on a CPU, where the flow is
-        # compute-bound, pairs: engine/batch.py CPU_FLOW_GROUP), and what they cost
-        self.flow_group = CPU_FLOW_GROUP if next(model.s3gen.parameters()).device.type == "cpu" else None
+        self.flow_frames = None  # mel frames per S3Gen flow call (engine/batch.py flow_frames, set at claim)
         self.s3gen_stats = {"seconds": 0.0, "flow_calls": 0, "flow_rows": 0, "flow_retries": 0}
         self._inbox: deque = deque()       # ("submit", stream) | ("cancel", handle)
         self._waiting: deque[_Stream] = deque()
@@ -250,6 +249,7 @@ class Engine:
             self._decoder.cache = self.runner.slot_cache(self._decoder.slots, self.max_prompt + self.max_new_tokens)
         self._decoder.prefill_budget = self.prefill_budget
         prepare_batch(self.model)  # S3Gen's packed products for the stream windows: packed and timed now
+        self.flow_frames = flow_frames(self.model)
 
     def _handle_inbox(self, inbox) -> None:
         for kind, item in inbox:
@@ -365,7 +365,7 @@ class Engine:
 
     def _synthesize(self, ready: list) -> None:
         """The chunks of every stream whose schedule filled this step, through S3Gen together
-        (`s3gen_stream.push_many`: their flow windows batched, `flow_group` rows per call), then
+        (`s3gen_stream.push_many`: their flow windows batched, up to `flow_frames` per call), then
         out as events. An S3Gen failure fails its stream only."""
         items, streams = [], []
         for stream, final in ready:
@@ -376,7 +376,7 @@ class Engine:
                 self._s3gen_failed(stream, final, exc)
         start = time.perf_counter()
         with torch.inference_mode(), batch_products(self.model):
-            outs = push_many(items, self.flow_group, self.s3gen_stats)
+            outs = push_many(items, self.flow_frames, self.s3gen_stats)
         self.s3gen_stats["seconds"] += time.perf_counter() - start
         for (stream, final), audio in zip(streams, outs):
             if isinstance(audio, Exception):
