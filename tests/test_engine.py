@@ -261,6 +261,20 @@ def test_a_generate_while_the_engine_is_idle_costs_its_next_request_nothing(mode
         restore(model)
 
 
+def test_the_engines_prefill_budget_stays_with_the_engine(model):
+    """Old: the engine set its prefill budget on the runner's shared decoder, and a generate_batch
+    with the same slot count after it admitted under the engine's budget. Any other claim of the
+    decoder starts with no budget; the engine's own claim sets it again."""
+    with Engine(model, max_batch=2, max_new_tokens=64, max_prompt=128, prefill_budget=7) as engine:
+        _, done = run(engine, request())
+        assert isinstance(done, Done) and engine._decoder.prefill_budget == 7
+        decoder = engine._decoder
+        engine.runner.claim()  # what generate_batch and generate() do first
+        assert decoder.prefill_budget is None
+        _, done = run(engine, request(TEXTS[1]))  # the engine takes its decoder back, with its budget
+        assert isinstance(done, Done) and engine._decoder.prefill_budget == 7
+
+
 def test_bad_requests_are_refused_at_submit(model):
     with Engine(model, max_batch=1, max_new_tokens=64, max_prompt=128) as engine:
         with pytest.raises(ValueError, match="text is empty"):

@@ -201,6 +201,7 @@ class CachedRunner:
         owner = self._owner = object()
         for decoder in self._decoders.values():
             decoder.reset()
+            decoder.prefill_budget = None  # an owner's admission policy is its own (the engine sets one after claiming)
         return owner
 
     def owns(self, owner) -> bool:
