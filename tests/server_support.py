@@ -33,3 +33,15 @@ def metric(server: Server, name: str) -> float:
     if not found:
         raise KeyError(f"no metric {name}")
     return total
+
+
+def assert_pcm_close(got: bytes, want: bytes) -> None:
+    """16-bit PCM that is a request's alone audio: the same length, and each sample within
+    1e-4 of the peak (+1 for int16 rounding). Requests decoded at the same time share S3Gen's
+    flow calls, so their audio differs from alone by float32 rounding (docs/parity.md)."""
+    import numpy as np
+
+    a, b = np.frombuffer(got, "<i2").astype(np.int32), np.frombuffer(want, "<i2").astype(np.int32)
+    assert a.shape == b.shape and b.size and np.abs(b).max() > 0, (a.shape, b.shape)
+    diff = int(np.abs(a - b).max())
+    assert diff <= 1 + 1e-4 * np.abs(b).max(), f"max |difference| {diff} of peak {np.abs(b).max()}"
