@@ -36,13 +36,6 @@ HOLD = 4                     # mel frames held back per chunk and cross-faded in
 WATERMARK_CONTEXT = 24000    # samples of sent audio the watermarker sees before each new chunk
 
 
-def flow_mel(flow, tokens, ref: dict, noise, finalize: bool, n_timesteps: int, meanflow: bool):
-    """`CausalMaskedDiffWithXvec.inference` (chatterbox 0.1.7) for one row with the CFM's noise
-    given (`noise`: (1, 80, prompt frames + 2 * tokens)) instead of drawn: the batched flow
-    (`s3gen_batch.flow_mels`) with one row. Returns (1, 80, frames)."""
-    return flow_mels(flow, [torch.atleast_2d(tokens)[0]], [ref], [noise], n_timesteps, meanflow, finalize)[0]
-
-
 @dataclass(eq=False)
 class Window:
     """One chunk's flow pass: the voice prompt (the streamer's) + `tokens` (context and new), its
@@ -108,9 +101,7 @@ class S3GenStreamer:
     def push(self, ids: torch.Tensor, final: bool) -> torch.Tensor:
         """Add speech token ids (1-D, valid ids only); return the audio that became ready."""
         window = self.plan(ids, final)
-        mel = None if window.tokens is None else flow_mels(
-            self.flow, [window.tokens], [self.ref], [window.noise], self.n_timesteps, self.meanflow, final)[0]
-        return self.accept(window, mel)
+        return self.accept(window, None if window.tokens is None else _flow([(0, window)])[0])
 
     def plan(self, ids: torch.Tensor, final: bool) -> "Window":
         """Add speech token ids; the flow pass this chunk needs (`Window.tokens` is None when the
@@ -217,9 +208,7 @@ def push_many(items: list, max_frames: int | None = None, stats: dict | None = N
             out[i] = exc
     mels = {}
     for part in _calls([(i, w) for i, w in windows if w.tokens is not None], max_frames):
-        if stats is not None:
-            stats["flow_calls"] = stats.get("flow_calls", 0) + 1
-            stats["flow_rows"] = stats.get("flow_rows", 0) + len(part)
+        _count(stats, flow_calls=1, flow_rows=len(part))
         try:
             mels.update(zip([i for i, _ in part], _flow(part)))
         except Exception as exc:
@@ -227,8 +216,7 @@ def push_many(items: list, max_frames: int | None = None, stats: dict | None = N
                 out[part[0][0]] = exc
                 continue
             for i, w in part:  # one bad row must not fail its batch-mates
-                if stats is not None:
-                    stats["flow_retries"] = stats.get("flow_retries", 0) + 1
+                _count(stats, flow_retries=1)
                 try:
                     mels[i] = _flow([(i, w)])[0]
                 except Exception as row_exc:
@@ -241,6 +229,12 @@ def push_many(items: list, max_frames: int | None = None, stats: dict | None = N
         except Exception as exc:
             out[i] = exc
     return out
+
+
+def _count(stats: dict | None, **counts: int) -> None:
+    if stats is not None:
+        for key, n in counts.items():
+            stats[key] = stats.get(key, 0) + n
 
 
 def _calls(flowing: list, max_frames: int | None) -> list:
