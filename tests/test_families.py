@@ -177,9 +177,10 @@ class TestMultilingual:
         """Per-row language, text and seed through the batched decoder (each row with its own
         alignment analyzer; the analyzer's per-row state is tested on a tiny backbone in
         test_batch_t3.py) and batched S3Gen: a row as that request alone."""
+        # capped at 8 tokens: the analyzer holds the French row's EOS back to ~28 on this checkpoint
         texts, languages, seeds = ["Hi.", "Bonjour à tous."], ["en", "fr"], [1, 2]
-        batch = generate_batch(mtl, texts, language_id=languages, seed=seeds)
-        alone = generate_batch(mtl, texts[1:], language_id=languages[1:], seed=seeds[1:])[0]  # the second slot
+        batch = generate_batch(mtl, texts, language_id=languages, seed=seeds, max_new_tokens=8)
+        alone = generate_batch(mtl, texts[1:], language_id=languages[1:], seed=seeds[1:], max_new_tokens=8)[0]
         assert torch.equal(batch[1].speech_tokens, alone.speech_tokens)
         assert (batch[1].wav - alone.wav).abs().max() <= 1e-4 * alone.wav.abs().max()
         assert not torch.equal(batch[0].speech_tokens, batch[1].speech_tokens)

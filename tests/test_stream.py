@@ -112,28 +112,29 @@ SPECS = [(25, 1, 100, (7, 9, 14)),   # ends at chunk 2 while the others go on (p
          (25, 3, 8, (6, 6, 6, 6, 6))]  # a short context: its window starts after the prompt's
 
 
-@pytest.mark.parametrize("max_frames", [None, 150])  # 150: some calls of two windows, some of one
-def test_push_many_rows_equal_each_stream_alone(model, max_frames):
+def test_push_many_rows_equal_each_stream_alone(model):
     """Guards S3Gen batched across streams (the engine's chunks): streams with different voice
     prompts, noise, context and chunking, some finishing while others go on, pushed together
     through `push_many` give each stream the audio it gets pushed alone, within 1e-4 of its
-    peak (float32 rounding of the padded batch), and their flows share calls."""
+    peak (float32 rounding of the padded batch), and their flows share calls: all windows in one
+    call (max_frames None), and cut by a frame budget (150: some calls of two windows, some of one)."""
     from chatterbox_accel.s3gen_stream import push_many
 
     alone = [[streamer.push(ids, final) for ids, final in chunks] for streamer, chunks in streams_of(model, SPECS)]
-    together, stats = [[] for _ in SPECS], {}
-    streams = streams_of(model, SPECS)
-    for k in range(max(len(c) for _, c in streams)):
-        live = [(i, s, c[k]) for i, (s, c) in enumerate(streams) if k < len(c)]
-        outs = push_many([(s, ids, final) for _, s, (ids, final) in live], max_frames, stats)
-        for (i, _, _), audio in zip(live, outs):
-            assert torch.is_tensor(audio), audio
-            together[i].append(audio)
-    assert stats["flow_rows"] > stats["flow_calls"]
-    for want, got in zip(alone, together):
-        want, got = torch.cat(want), torch.cat(got)
-        assert got.shape == want.shape and want.abs().max() > 0
-        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    for max_frames in (None, 150):
+        together, stats = [[] for _ in SPECS], {}
+        streams = streams_of(model, SPECS)
+        for k in range(max(len(c) for _, c in streams)):
+            live = [(i, s, c[k]) for i, (s, c) in enumerate(streams) if k < len(c)]
+            outs = push_many([(s, ids, final) for _, s, (ids, final) in live], max_frames, stats)
+            for (i, _, _), audio in zip(live, outs):
+                assert torch.is_tensor(audio), audio
+                together[i].append(audio)
+        assert stats["flow_rows"] > stats["flow_calls"], (max_frames, stats)
+        for want, got in zip(alone, together):
+            want, got = torch.cat(want), torch.cat(got)
+            assert got.shape == want.shape and want.abs().max() > 0
+            assert (got - want).abs().max() <= 1e-4 * want.abs().max(), max_frames
 
 
 def test_a_failing_row_of_a_shared_flow_call_fails_alone(model):
