@@ -19,10 +19,16 @@ from conftest import STOP_AFTER
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def cli(tmp_path, *args, env=None, prefix=("-m", "chatterbox_accel.cli"), timeout=900):
+def cli_environ(tmp_path) -> dict:
+    """The environment every CLI run here gets: none of the caller's CHATTERBOX_ACCEL* settings,
+    the hub offline, no progress bars, a voice cache of its own."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CHATTERBOX_ACCEL")}
     environ.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1", CHATTERBOX_ACCEL_CACHE=str(tmp_path / "cache"))
-    environ.update(env or {})
+    return environ
+
+
+def cli(tmp_path, *args, env=None, prefix=("-m", "chatterbox_accel.cli"), timeout=900):
+    environ = {**cli_environ(tmp_path), **(env or {})}
     return subprocess.run([sys.executable, *prefix, *map(str, args)], capture_output=True, text=True,
                           cwd=tmp_path, env=environ, timeout=timeout)
 
@@ -246,10 +252,11 @@ def test_bad_arguments_exit_2_with_the_fix_in_the_message(tmp_path, args, match,
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "ve.safetensors").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
-    for name in [k for k in os.environ if k.startswith("CHATTERBOX_ACCEL")]:
+    environ = cli_environ(tmp_path)
+    for name in set(os.environ) - set(environ):
         monkeypatch.delenv(name)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("CHATTERBOX_ACCEL_CACHE", str(tmp_path / "cache"))
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
     try:
         rc = main([str(a) for a in args])
     except SystemExit as exc:  # argparse's own errors
